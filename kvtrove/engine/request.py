@@ -1,0 +1,60 @@
+"""One sequence being generated: its tokens, its progress, its KV blocks."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from kvtrove.engine.block_pool import Block
+from kvtrove.engine.detokenizer import Detokenizer
+from kvtrove.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 max_tokens: int, detokenizer: Detokenizer, seed: int | None):
+        self.request_id = request_id
+        self.index = index
+        """Which of the n samples of its prompt this is."""
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens
+        self.detokenizer = detokenizer
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed_tokens = 0
+        self.blocks: list[Block] = []
+        self.block_keys: list[bytes] = []
+        """Keys of the full blocks of all_token_ids, filled lazily."""
+        self.num_cached_tokens: int | None = None
+        """Prompt tokens reused from the prefix cache when first scheduled."""
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+        self.sent_tokens = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()

@@ -1,0 +1,126 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples.
+
+Legend: T = tokens in the step, B = decoding sequences, L = context length, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtrove.engine.request import Request
+from kvtrove.engine.scheduler import ScheduledBatch
+from kvtrove.layers.attention import AttentionMetadata, PrefillSeq
+from kvtrove.layers.sampler import SampleResult, SamplingBatch, sample
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, vocab_size: int):
+        self.model = model
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.sliding_window: int | None = getattr(model, "sliding_window", None)
+        layers = model.attention_layers
+        a = layers[0]
+        dtype = next(model.parameters()).dtype
+        # [layers, k/v, slots, KV heads, head dim]
+        self.kv_cache = torch.zeros(len(layers), 2, num_blocks * block_size, a.num_kv_heads, a.head_dim, dtype=dtype)
+        for i, layer in enumerate(layers):
+            layer.kv_cache = self.kv_cache[i]
+
+    @staticmethod
+    def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        a = model.attention_layers[0]
+        return len(model.attention_layers) * 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+
+    def _slots(self, req: Request, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor([b.block_id for b in req.blocks])
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        k_pos = torch.arange(k_len)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if self.sliding_window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+        return allowed
+
+    def prefill_seq(self, offset: int, start: int, n: int, ctx_slots: torch.Tensor) -> PrefillSeq:
+        """Attention inputs for `n` new tokens at positions start.. whose context has slots `ctx_slots`."""
+        window_cut = self.sliding_window is not None and start + n > self.sliding_window
+        return PrefillSeq(
+            start=offset, length=n,
+            context_slots=ctx_slots if start else None,
+            mask=self._mask(torch.arange(start, start + n), start + n) if start or window_cut else None,
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SampleResult | None]:
+        """Run one step; samples for the requests whose known tokens are all computed after it."""
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
+        reqs = [batch.requests[i] for i in order]
+        nums = [batch.num_new_tokens[i] for i in order]
+        ids, positions, slot_mapping, sample_rows, prefills = [], [], [], [], []
+        decodes = [r for r, n in zip(reqs, nums) if n == 1]
+        offset = 0
+        for r, n in zip(reqs, nums):
+            start = r.num_computed_tokens
+            ids.extend(r.all_token_ids[start : start + n])
+            positions.append(torch.arange(start, start + n))
+            ctx = self._slots(r, 0, start + n)
+            slot_mapping.append(ctx[start:])
+            if n > 1:
+                prefills.append(self.prefill_seq(offset, start, n, ctx))
+            if start + n == r.num_tokens:
+                sample_rows.append(offset + n - 1)
+            offset += n
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping),
+            num_decodes=len(decodes),
+            decode_slots=None, decode_mask=None, prefills=prefills,
+        )
+        if decodes:
+            lens = [r.num_computed_tokens + 1 for r in decodes]
+            width = max(lens)
+            meta.decode_slots = torch.stack([
+                torch.nn.functional.pad(self._slots(r, 0, n), (0, width - n)) for r, n in zip(decodes, lens)
+            ])
+            q_pos = torch.tensor(lens) - 1
+            if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
+                meta.decode_mask = self._mask(q_pos, width)[:, None, None, :]
+        hidden = self.model(torch.tensor(ids), torch.cat(positions), meta)
+        if not sample_rows:
+            return [], None
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        sampled = [r for r, n in zip(reqs, nums) if r.num_computed_tokens + n == r.num_tokens]
+        return sampled, sample(logits, self._sampling_batch(sampled))
+
+    def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
+        ps = [r.params for r in reqs]
+
+        def col(name: str, off, dtype=torch.float32):
+            vals = [getattr(p, name) for p in ps]
+            return None if all(v == off for v in vals) else torch.tensor(vals, dtype=dtype)
+
+        rep = col("repetition_penalty", 1.0)
+        pres, freq = col("presence_penalty", 0.0), col("frequency_penalty", 0.0)
+        seen = counts = None
+        if rep is not None:
+            seen = torch.zeros(len(reqs), self.vocab_size, dtype=torch.bool)
+            for i, r in enumerate(reqs):
+                seen[i, torch.tensor(r.all_token_ids)] = True
+        if pres is not None or freq is not None:
+            counts = torch.zeros(len(reqs), self.vocab_size)
+            for i, r in enumerate(reqs):
+                if r.output_token_ids:
+                    counts[i].index_add_(0, torch.tensor(r.output_token_ids), torch.ones(len(r.output_token_ids)))
+            pres = pres if pres is not None else torch.zeros(len(reqs))
+            freq = freq if freq is not None else torch.zeros(len(reqs))
+        nlp = [p.logprobs for p in ps if p.logprobs is not None]
+        return SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32),
+            top_k=col("top_k", 0, torch.long), top_p=col("top_p", 1.0), min_p=col("min_p", 0.0),
+            repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
+            seen_mask=seen, output_counts=counts,
+            generators=[r.generator for r in reqs],
+            num_logprobs=max(nlp) if nlp else None,
+        )

@@ -1,0 +1,92 @@
+"""Continuous batching: decodes and chunked prefills share one token budget per step.
+
+FCFS; when the pool runs out of blocks the most recently admitted request is preempted and
+recomputed later (its blocks stay in the prefix cache, so recomputation is mostly a cache hit).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvtrove.config import SchedulerConfig
+from kvtrove.engine.kv_cache_manager import KVCacheManager
+from kvtrove.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request]
+    num_new_tokens: list[int]
+    preempted: list[Request]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        out = ScheduledBatch([], [], [])
+        # running requests first, oldest first; preempt from the newest end when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.requests.append(req)
+                out.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        if out.preempted:
+            return out
+        # then admit waiting requests in arrival order
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv.cached_prefix(req)
+            n = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
+            if not self.kv.allocate(req, n, cached):
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_token_ids))
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.requests.append(req)
+            out.num_new_tokens.append(n)
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)

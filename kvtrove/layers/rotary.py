@@ -1,0 +1,45 @@
+import torch
+from torch import nn
+
+
+def inv_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse RoPE frequencies and the cos/sin scale, for every static `rope_type` transformers knows."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("rope_type 'dynamic' changes with the sequence length and is not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unknown rope_type {rope_type!r}; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq.float(), float(scale)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a cos/sin table precomputed for every position up to `max_positions`."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.hf_config, self.head_dim, self.max_positions, self.dtype = hf_config, head_dim, max_positions, dtype
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        with torch.device("cpu"):
+            inv_freq, scale = inv_frequencies(self.hf_config, self.head_dim)
+            freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.register_buffer("cos", (emb.cos() * scale).to(self.dtype), persistent=False)
+            self.register_buffer("sin", (emb.sin() * scale).to(self.dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [T, 1, D] each, broadcast over heads
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,0 +1,73 @@
+"""Open a model path (GGUF file or HF directory) as config + weights + tokenizer + fingerprint."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from kvtrove.loader import gguf_file, hf_dir
+
+
+@dataclass
+class Checkpoint:
+    hf_config: object
+    """A transformers PretrainedConfig."""
+    tokenizer: object
+    """A transformers tokenizer with its chat template."""
+    weights: Iterator[tuple[str, torch.Tensor]]
+    """(HF parameter name, tensor) pairs, already in the working dtype."""
+    fingerprint: bytes
+    """Identity of the weights and their dtype: KV is reusable only under the same fingerprint."""
+    eos_token_ids: list[int]
+
+
+def load_checkpoint(path: str, dtype: torch.dtype) -> Checkpoint:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"model path {str(p)!r} does not exist; give a .gguf file or a Hugging Face checkpoint directory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise ValueError(f"{p} is a file but not a .gguf file; give a .gguf file or a checkpoint directory")
+            hf_config, tokenizer, weights, files = gguf_file.open_gguf(p, dtype)
+        else:
+            hf_config, tokenizer, weights, files = hf_dir.open_hf_dir(p, dtype)
+    return Checkpoint(
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        weights=weights,
+        fingerprint=fingerprint(hf_config, dtype, files),
+        eos_token_ids=eos_ids(hf_config, tokenizer, p),
+    )
+
+
+def fingerprint(hf_config, dtype: torch.dtype, files: list[Path]) -> bytes:
+    """xxh3-128 over the architecture, the dtype and the bytes of every weight file."""
+    h = xxhash.xxh3_128()
+    h.update(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(str(dtype).encode())
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.digest()
+
+
+def eos_ids(hf_config, tokenizer, path: Path) -> list[int]:
+    ids: list[int] = []
+    candidates = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    gen = path / "generation_config.json" if path.is_dir() else None
+    if gen is not None and gen.exists():
+        candidates.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for c in candidates:
+        for i in c if isinstance(c, list) else [c]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids

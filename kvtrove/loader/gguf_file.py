@@ -1,0 +1,131 @@
+"""GGUF files: tensors dequantized with the `gguf` package, config and tokenizer from the metadata.
+
+Parsing GGUF metadata with `gguf` takes seconds (tens of thousands of vocabulary strings), so the
+first open converts config, tokenizer and the tensor directory to HF-style files in the cache dir;
+later opens read those and memory-map the tensors straight from the GGUF file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import xxhash
+
+from kvtrove.config import cache_dir
+
+# GGUF architecture -> whether q/k rows were permuted for GGML's interleaved RoPE.
+SUPPORTED = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
+FORMAT = 1  # bump when the converted layout changes
+
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def open_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    conv = _converted(path)
+    meta = json.loads((conv / "tensors.json").read_text())
+    hf_config = AutoConfig.from_pretrained(conv)
+    tokenizer = AutoTokenizer.from_pretrained(conv)
+    return hf_config, tokenizer, _tensors(path, meta, hf_config, dtype), [path]
+
+
+def _converted(path: Path) -> Path:
+    st = path.stat()
+    key = xxhash.xxh3_64_hexdigest(f"{FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    out = cache_dir() / "gguf" / key
+    if (out / "tensors.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        _convert(path, tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process converted it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert(path: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    if arch not in SUPPORTED:
+        raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported; supported: {sorted(SUPPORTED)}")
+    checked = set()
+    tensors = []
+    for t in reader.tensors:
+        if t.tensor_type not in checked:
+            try:
+                gguf.quants.dequantize(t.data[:1], t.tensor_type)
+            except NotImplementedError:
+                raise ValueError(f"{path.name}: tensor {t.name} has GGUF type {t.tensor_type.name}, which cannot be "
+                                 "dequantized; use a file with another quantization (F32, F16, Q8_0, Q4_K, ...)") from None
+            checked.add(t.tensor_type)
+        tensors.append({"name": t.name, "type": int(t.tensor_type), "offset": int(t.data_offset),
+                        "dtype": t.data.dtype.str, "shape": list(t.data.shape)})
+    AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    (out / "tensors.json").write_text(json.dumps({"architecture": arch, "tensors": tensors}))
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    m = _BLOCK.match(name)
+    if m:
+        layer, part, kind = m.groups()
+        return f"model.layers.{layer}.{_LAYER[part]}.{kind}" if part in _LAYER else None
+    base, _, kind = name.rpartition(".")
+    return f"{_GLOBAL[base]}.{kind}" if base in _GLOBAL else None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate-half halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensors(path: Path, meta: dict, cfg, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    permuted = SUPPORTED[meta["architecture"]]
+    data = np.memmap(path, mode="r")
+    for t in meta["tensors"]:
+        name = gguf_to_hf_name(t["name"])
+        if name is None:
+            continue
+        dt = np.dtype(t["dtype"])
+        n = int(np.prod(t["shape"])) * dt.itemsize
+        raw = data[t["offset"] : t["offset"] + n].view(dt).reshape(t["shape"])
+        w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t["type"]))
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute(w, cfg.num_attention_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute(w, cfg.num_key_value_heads)
+        yield name, torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)

@@ -1,0 +1,95 @@
+"""Shared fixtures: the real default model, and tiny random-weight HF checkpoints per architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtrove.config import default_model_path
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def pytest_configure(config):
+    # converted models and stored KV go to a fresh folder, never the user's cache
+    os.environ["KVTROVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvtrove-test-cache-")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+
+# name -> (transformers config class name, extra config)
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "llama-rope-llama3": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama-rope-linear": ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                              "factor": 2.0}}),
+    "llama-bias-headdim": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True, "head_dim": 32}),
+    "smollm-tied": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "mistral": ("MistralConfig", {"sliding_window": 48}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 24}),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, smollm_path) -> Path:
+    """The default model's tokenizer saved as HF tokenizer files, to pair with tiny random models."""
+    from transformers import AutoTokenizer
+
+    p = Path(smollm_path)
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+def make_tiny_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    import transformers
+
+    cls_name, extra = ARCHS[arch]
+    cfg = getattr(transformers, cls_name)(**{**TINY, **extra, "vocab_size": 49152,
+                                            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir):
+    """Factory: tiny_model(arch) -> directory of a saved random-weight HF checkpoint (cached per arch)."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_tiny_model(arch, tmp_path_factory.mktemp(arch), tokenizer_dir)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """One engine over the real default model, shared by the tests that only read from it."""
+    from kvtrove import LLM
+
+    return LLM(model=smollm_path, dtype="float32")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data))

@@ -1,0 +1,71 @@
+"""Our models against Hugging Face transformers on the same weights: logits and greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtrove import LLM, SamplingParams
+from tests.conftest import ARCHS
+from tests.helpers import assert_all_blocks_free, prompt_logits
+
+PROMPT_LEN, NEW_TOKENS = 64, 64
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def check_parity(llm: LLM, hf_model, ids: list[int]) -> None:
+    ours = prompt_logits(llm, ids)
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([ids])).logits[0].float()
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-3, f"max abs logit diff {diff}"
+    got = llm.generate({"prompt_token_ids": ids},
+                       SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+    want = hf_greedy(hf_model, ids, NEW_TOKENS)
+    assert got.token_ids == want
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tiny_model_matches_hf(arch, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model(arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(model=str(path), dtype="float32", block_size=16, num_blocks=64)
+    ids = torch.randint(3, 49152, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
+    check_parity(llm, hf, ids)
+
+
+def test_smollm2_gguf_matches_hf(smollm, smollm_path):
+    """HF dequantizes the same GGUF its own way; our loader (incl. q/k un-permutation) must agree."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    p = Path(smollm_path)
+    hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+            "combined movable metal type with an oil-based ink and a wooden press adapted from wine making. "
+            "Within fifty years presses were at work across Europe, and the price of books fell so far that "
+            "reading spread from monasteries and universities to merchants, artisans and their families.")
+    ids = smollm.get_tokenizer().encode(text)[:PROMPT_LEN]
+    assert len(ids) == PROMPT_LEN
+    check_parity(smollm, hf, ids)
+
+
+def test_bfloat16_runs_close_to_float32(tiny_model):
+    path = tiny_model("llama")
+    f32 = LLM(model=str(path), dtype="float32", num_blocks=32)
+    bf16 = LLM(model=str(path), dtype="bfloat16", num_blocks=32)
+    ids = list(range(100, 140))
+    a, b = prompt_logits(f32, ids), prompt_logits(bf16, ids)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+    out = bf16.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8

@@ -1,0 +1,98 @@
+"""Loading: HF directories, GGUF files, and clear errors for what cannot be loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+from kvtrove import LLM, SamplingParams
+
+
+def test_missing_path():
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(model="/nonexistent/model.gguf")
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        LLM(model=str(f))
+    g = tmp_path / "broken.gguf"
+    g.write_bytes(b"GGUF garbage")
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        LLM(model=str(g))
+
+
+def test_unknown_architecture(tiny_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FancyNewForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown architecture .*FancyNewForCausalLM"):
+        LLM(model=str(d))
+
+
+def test_directory_without_weights(tiny_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), d)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(model=str(d))
+    (d / "config.json").unlink()
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(model=str(d))
+
+
+def _write_gguf(path, arch: str, ttype: gguf.GGMLQuantizationType, raw: np.ndarray, shape) -> None:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("blk.0.attn_q.weight", raw, raw_shape=shape, raw_dtype=ttype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_type_that_cannot_be_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTROVE_CACHE_DIR", str(tmp_path / "cache"))
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+    f = tmp_path / "q8k.gguf"
+    _write_gguf(f, "llama", gguf.GGMLQuantizationType.Q8_K, np.zeros((4, size), dtype=np.uint8), (4, size))
+    with pytest.raises(ValueError, match="GGUF type Q8_K, which cannot be dequantized"):
+        LLM(model=str(f))
+
+
+def test_gguf_unknown_architecture(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTROVE_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "other.gguf"
+    _write_gguf(f, "rwkv6", gguf.GGMLQuantizationType.F32, np.zeros((4, 4), dtype=np.float32), None)
+    with pytest.raises(ValueError, match="GGUF architecture 'rwkv6' is not supported"):
+        LLM(model=str(f))
+
+
+def test_hf_directory_loads_tokenizer_and_generates(tiny_model):
+    llm = LLM(model=str(tiny_model("qwen3")), num_blocks=32)
+    out = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and isinstance(out.text, str)
+    assert llm.get_tokenizer().chat_template is not None
+
+
+def test_gguf_tokenizer_matches_hf(smollm, smollm_path):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    p = Path(smollm_path)
+    ref = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    ours = smollm.get_tokenizer()
+    msgs = [{"role": "user", "content": "Hi! Ça va? 東京 🚀"}]
+    for text in ["Hello world", "  leading spaces\nand\ttabs", "Ça va? 東京 🚀"]:
+        assert ours.encode(text) == ref.encode(text)
+    assert ours.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(msgs, tokenize=False)
