@@ -22,8 +22,8 @@ class ModelRunner:
         layers = model.attention_layers
         a = layers[0]
         dtype = next(model.parameters()).dtype
-        # [layers, k/v, slots, KV heads, head dim]
-        self.kv_cache = torch.zeros(len(layers), 2, num_blocks * block_size, a.num_kv_heads, a.head_dim, dtype=dtype)
+        # [layers, k/v, KV heads, slots, head dim]
+        self.kv_cache = torch.zeros(len(layers), 2, a.num_kv_heads, num_blocks * block_size, a.head_dim, dtype=dtype)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
 

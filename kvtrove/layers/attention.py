@@ -44,31 +44,45 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.kv_cache: torch.Tensor | None = None  # [2, S, K, D], bound by the runner
+        self.kv_cache: torch.Tensor | None = None  # [2, K, S, D], bound by the runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D], k/v [T, K, D] -> [T, H * D]
-        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [K, S, D]: head-major, so gathers are contiguous
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, K, L, D]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
-            out[:nd] = self._sdpa(qd, kd, vd, meta.decode_mask, False).squeeze(2)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for p in meta.prefills:
             qp = q[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if p.context_slots is None:
                 kp = k[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)
                 vp = v[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)
             else:
-                kp = k_cache[p.context_slots].transpose(0, 1).unsqueeze(0)  # [1, K, L, D]
-                vp = v_cache[p.context_slots].transpose(0, 1).unsqueeze(0)
+                kp = k_cache.index_select(1, p.context_slots).unsqueeze(0)  # [1, K, L, D]
+                vp = v_cache.index_select(1, p.context_slots).unsqueeze(0)
             mask = None if p.mask is None else p.mask[None, None]
             out[p.start : p.start + p.length] = self._sdpa(qp, kp, vp, mask, p.mask is None)[0].transpose(0, 1)
         return out.flatten(1)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Single-token queries against their gathered contexts: two batched matmuls (no flash tiling)."""
+        B, L = meta.decode_slots.shape
+        K, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        slots = meta.decode_slots.flatten()
+        k = k_cache.index_select(1, slots).view(K, B, L, D)
+        v = v_cache.index_select(1, slots).view(K, B, L, D)
+        q = q.reshape(B, K, G, D).transpose(0, 1)  # [K, B, G, D]
+        if q.dtype != torch.float32:  # small matmuls: float32 kernels are far faster on CPUs
+            q, k, v = q.float(), k.float(), v.float()
+        scores = torch.matmul(q, k.transpose(2, 3)).mul_(self.scale)  # [K, B, G, L]
+        if meta.decode_mask is not None:
+            scores.masked_fill_(~meta.decode_mask.view(1, B, 1, L), float("-inf"))
+        out = torch.matmul(scores.softmax(-1), v)  # [K, B, G, D]
+        return out.transpose(0, 1).reshape(B, K * G, D)
 
     def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(

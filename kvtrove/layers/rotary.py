@@ -32,14 +32,16 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scale = inv_frequencies(self.hf_config, self.head_dim)
             freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
+            sin = emb.sin() * scale
+            sin[:, : sin.shape[1] // 2] *= -1  # folds rotate-half's negation into the table
             self.register_buffer("cos", (emb.cos() * scale).to(self.dtype), persistent=False)
-            self.register_buffer("sin", (emb.sin() * scale).to(self.dtype), persistent=False)
+            self.register_buffer("sin", sin.to(self.dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [T, 1, D] each, broadcast over heads
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x) and its sign already in `sin`."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin)

@@ -33,17 +33,13 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
-        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        T, H, K = x.shape[0], self.num_heads, self.num_kv_heads
+        qk, v = self.qkv_proj(x).split([(H + K) * self.head_dim, K * self.head_dim], -1)
+        qk = qk.view(T, H + K, self.head_dim)  # [T, H + K, D]: q and k heads side by side
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v, meta))
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], 1)
+        q, k = apply_rotary(qk, *cos_sin).split([H, K], 1)
+        return self.o_proj(self.attn(q, k, v.view(T, K, self.head_dim), meta))
 
 
 class LlamaMLP(nn.Module):

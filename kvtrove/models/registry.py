@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kvtrove.layers.linear import use_cpu_kernels
 from kvtrove.models.llama import LlamaForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -43,7 +44,9 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], max_posi
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     load_weights(model, weights)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    use_cpu_kernels(model)
+    return model
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

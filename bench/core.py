@@ -1,0 +1,202 @@
+"""Core engine benchmark: ours vs HF transformers (same weights, same dtype) and llama.cpp (Q4_1 GGUF),
+all measured in this run on this machine. Run: `make bench` or `python -m bench.core`.
+
+Figures: prefill TTFT at 2,048 tokens; single-request decode after a 512-token prompt; aggregate
+decode with 16 concurrent requests; TTFT of a repeated 2,048-token prompt (device prefix hit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+from kvtrove import LLM, SamplingParams  # noqa: E402
+from kvtrove.config import default_model_path  # noqa: E402
+
+ROWS: list[tuple[str, str, str, str, str]] = []
+
+
+def row(name: str, ours: float, peer: float, unit: str, target: str, higher_is_better: bool = True) -> None:
+    ratio = ours / peer if higher_is_better else peer / ours
+    ROWS.append((name, f"{ours:.2f} {unit}", f"{peer:.2f} {unit}", f"{ratio:.2f}x", target))
+    print(f"  {name}: ours {ours:.2f} {unit} | peer {peer:.2f} {unit} | {ratio:.2f}x (target {target})", flush=True)
+
+
+def hardware() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def read_bandwidth() -> float:
+    """GB/s of a streaming read (torch.sum over 1 GiB of float32)."""
+    a = torch.ones(2**28)
+    a.sum()
+    t = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    return 5 * a.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def weight_bytes_per_token(llm: LLM) -> int:
+    """Bytes of every matmul weight read for one decoded token (all linears incl. the LM head)."""
+    item = 4 if llm.engine.config.model.dtype == "float32" else 2
+    cfg = llm.engine.hf_config
+    h = cfg.hidden_size
+    per_layer = 0
+    for layer in llm.engine.model.model.layers:
+        a = layer.self_attn
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        per_layer += h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    return (per_layer + h * cfg.vocab_size) * item
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n,), generator=g).tolist()
+
+
+# ---- ours ---------------------------------------------------------------------------------------
+
+def ours_ttft(llm: LLM, ids: list[int], reset: bool = True) -> float:
+    if reset:
+        llm.engine.pool.reset_cache()
+    return llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0))[0].ttft_s
+
+
+def ours_decode(llm: LLM, ids: list[int], n: int) -> float:
+    llm.engine.pool.reset_cache()
+    t = time.perf_counter()
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
+    return (n - 1) / (time.perf_counter() - t - out.ttft_s)
+
+
+def ours_concurrent(llm: LLM, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    """(decode tokens/s once all requests have started, end-to-end output tokens/s)."""
+    eng = llm.engine
+    eng.pool.reset_cache()
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    ids = [eng.add_request({"prompt_token_ids": p}, params) for p in prompts]
+    reqs = [eng.groups[i][0] for i in ids]
+    t_all_started = tokens_at_start = None
+    while eng.has_unfinished():
+        eng.step()
+        if t_all_started is None and all(r.output_token_ids for r in reqs):
+            t_all_started, tokens_at_start = time.perf_counter(), sum(len(r.output_token_ids) for r in reqs)
+    t_end = time.perf_counter()
+    total = sum(len(r.output_token_ids) for r in reqs)
+    return (total - tokens_at_start) / (t_end - t_all_started), total / (t_end - t0)
+
+
+# ---- peers --------------------------------------------------------------------------------------
+
+def hf_model(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    p = Path(default_model_path())
+    return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def hf_ttft(model, ids: list[int]) -> float:
+    t = time.perf_counter()
+    model(torch.tensor([ids]), logits_to_keep=1)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def hf_decode(model, ids: list[int], n: int) -> float:
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    t = time.perf_counter()
+    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+    return (n - 1) / (time.perf_counter() - t - t1)
+
+
+def llamacpp_decode(ids: list[int], n: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("  llama-cpp-python is not installed (`make bench` installs it); skipping the llama.cpp peer")
+        return None
+    llm = Llama(model_path=default_model_path(), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+    llm.create_completion(ids[:8], max_tokens=4, temperature=0)  # warm-up
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    for _ in llm.create_completion(ids, max_tokens=n, temperature=0, stream=True):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    return (count - 1) / (time.perf_counter() - first) if count > 1 else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    args = ap.parse_args()
+    n = args.decode_tokens
+    print(f"hardware: {hardware()}")
+    bw = read_bandwidth()
+    print(f"streaming read bandwidth (torch.sum over 1 GiB): {bw:.1f} GB/s")
+    p2048, p512 = prompt_ids(2048, 0), prompt_ids(512, 1)
+    conc = [prompt_ids(128, 10 + i) for i in range(16)]
+
+    print("\n[bfloat16]")
+    ours = LLM(dtype="bfloat16")
+    hf = hf_model(torch.bfloat16)
+    ours_ttft(ours, p512)  # warm-up
+    hf_ttft(hf, p512)
+    row("prefill 2048 tokens TTFT (bf16)", ours_ttft(ours, p2048), hf_ttft(hf, p2048), "s", ">= 1.0x HF bf16",
+        higher_is_better=False)
+    o, h = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
+    row("decode 1 request (bf16)", o, h, "tok/s", ">= 2x HF bf16")
+    bound = bw * 1e9 / weight_bytes_per_token(ours)
+    print(f"    bandwidth bound {bound:.1f} tok/s -> ours at {o / bound:.0%} of it")
+    del ours, hf
+
+    print("\n[float32]")
+    ours = LLM(dtype="float32")
+    hf = hf_model(torch.float32)
+    ours_ttft(ours, p512)
+    row("prefill 2048 tokens TTFT (fp32, for reference)", ours_ttft(ours, p2048), hf_ttft(hf, p2048), "s", "-",
+        higher_is_better=False)
+    o, hf_single = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
+    row("decode 1 request (fp32)", o, hf_single, "tok/s", ">= 1.6x HF fp32")
+    bound = bw * 1e9 / weight_bytes_per_token(ours)
+    print(f"    bandwidth bound {bound:.1f} tok/s -> ours at {o / bound:.0%} of it")
+    del hf
+
+    decode_rate, e2e = ours_concurrent(ours, conc, n)
+    print(f"  16 concurrent requests (128-token prompts, {n} new each): decode {decode_rate:.1f} tok/s, "
+          f"end-to-end incl. prefill {e2e:.1f} tok/s")
+    row("decode 16 concurrent vs HF fp32 single", decode_rate, hf_single, "tok/s", ">= 8x")
+    lc = llamacpp_decode(p512, n)
+    if lc is not None:
+        row("decode 16 concurrent (ours fp32) vs llama.cpp Q4_1 single", decode_rate, lc, "tok/s", ">= 2x")
+
+    cold = ours_ttft(ours, p2048)
+    hit = ours_ttft(ours, p2048, reset=False)
+    print(f"  repeated 2048-token prompt: cold TTFT {cold:.3f}s, device prefix hit {hit:.3f}s = {hit / cold:.1%} "
+          f"of cold (target <= 5%)")
+
+    print("\n| benchmark | ours | peer | ratio | target |\n|---|---|---|---|---|")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+    print(f"| prefix hit TTFT, 2048 tokens | {hit:.3f} s | cold {cold:.3f} s | {hit / cold:.1%} of cold | <= 5% |")
+
+
+if __name__ == "__main__":
+    main()
