@@ -86,7 +86,7 @@ def test_preemption_happens_and_frees_blocks(small_pool):
 
 def test_abort_frees_blocks(smollm):
     eng = smollm.engine
-    rid = eng.add_request("Tell me a very long story about dragons.", SamplingParams(max_tokens=200))
+    rid = eng.add_request("Tell me a very long story about dragons.", SamplingParams(max_tokens=200, ignore_eos=True))
     for _ in range(3):
         eng.step()
     assert eng.pool.num_free_blocks < eng.pool.num_blocks

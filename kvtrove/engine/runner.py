@@ -86,7 +86,7 @@ class ModelRunner:
             ])
             q_pos = torch.tensor(lens) - 1
             if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
-                meta.decode_mask = self._mask(q_pos, width)[:, None, None, :]
+                meta.decode_mask = ~self._mask(q_pos, width)
         hidden = self.model(torch.tensor(ids), torch.cat(positions), meta)
         if not sample_rows:
             return [], None

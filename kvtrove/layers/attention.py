@@ -36,7 +36,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None
     """[B, L] KV slots of each decode's context, padded."""
     decode_mask: torch.Tensor | None
-    """[B, 1, 1, L] True where attention is allowed; None when no padding or window applies."""
+    """[B, L] True where attention is NOT allowed (padding, outside the window); None when nothing is masked."""
     prefills: list[PrefillSeq]
 
 
@@ -51,8 +51,10 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [K, S, D]: head-major, so gathers are contiguous
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        if not meta.prefills:
+            return self._decode(q, k_cache, v_cache, meta).flatten(1)
+        out = torch.empty(q.shape, dtype=q.dtype)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for p in meta.prefills:
@@ -80,9 +82,9 @@ class PagedAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         scores = torch.matmul(q, k.transpose(2, 3)).mul_(self.scale)  # [K, B, G, L]
         if meta.decode_mask is not None:
-            scores.masked_fill_(~meta.decode_mask.view(1, B, 1, L), float("-inf"))
+            scores.masked_fill_(meta.decode_mask.view(1, B, 1, L), float("-inf"))
         out = torch.matmul(scores.softmax(-1), v)  # [K, B, G, D]
-        return out.transpose(0, 1).reshape(B, K * G, D)
+        return out.transpose(0, 1).reshape(B, K * G, D).to(k_cache.dtype)
 
     def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(
