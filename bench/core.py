@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-warnings.filterwarnings("ignore")
+from kvtrove import LLM, SamplingParams
+from kvtrove.config import default_model_path
 
-from kvtrove import LLM, SamplingParams  # noqa: E402
-from kvtrove.config import default_model_path  # noqa: E402
+warnings.filterwarnings("ignore")
 
 ROWS: list[tuple[str, str, str, str, str]] = []
 
@@ -31,8 +31,14 @@ def row(name: str, ours: float, peer: float, unit: str, target: str, higher_is_b
 
 
 def hardware() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
@@ -66,6 +72,7 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
 # ---- ours ---------------------------------------------------------------------------------------
 
+
 def ours_ttft(llm: LLM, ids: list[int], reset: bool = True) -> float:
     if reset:
         llm.engine.pool.reset_cache()
@@ -98,6 +105,7 @@ def ours_concurrent(llm: LLM, prompts: list[list[int]], n: int) -> tuple[float, 
 
 
 # ---- peers --------------------------------------------------------------------------------------
+
 
 def hf_model(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
@@ -133,7 +141,6 @@ def llamacpp_decode(ids: list[int], n: int) -> float | None:
         return None
     llm = Llama(model_path=default_model_path(), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
     llm.create_completion(ids[:8], max_tokens=4, temperature=0)  # warm-up
-    t0 = time.perf_counter()
     first = None
     count = 0
     for _ in llm.create_completion(ids, max_tokens=n, temperature=0, stream=True):
@@ -159,8 +166,14 @@ def main() -> None:
     hf = hf_model(torch.bfloat16)
     ours_ttft(ours, p512)  # warm-up
     hf_ttft(hf, p512)
-    row("prefill 2048 tokens TTFT (bf16)", ours_ttft(ours, p2048), hf_ttft(hf, p2048), "s", ">= 1.0x HF bf16",
-        higher_is_better=False)
+    row(
+        "prefill 2048 tokens TTFT (bf16)",
+        ours_ttft(ours, p2048),
+        hf_ttft(hf, p2048),
+        "s",
+        ">= 1.0x HF bf16",
+        higher_is_better=False,
+    )
     o, h = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
     row("decode 1 request (bf16)", o, h, "tok/s", ">= 2x HF bf16")
     bound = bw * 1e9 / weight_bytes_per_token(ours)
@@ -171,8 +184,14 @@ def main() -> None:
     ours = LLM(dtype="float32")
     hf = hf_model(torch.float32)
     ours_ttft(ours, p512)
-    row("prefill 2048 tokens TTFT (fp32, for reference)", ours_ttft(ours, p2048), hf_ttft(hf, p2048), "s", "-",
-        higher_is_better=False)
+    row(
+        "prefill 2048 tokens TTFT (fp32, for reference)",
+        ours_ttft(ours, p2048),
+        hf_ttft(hf, p2048),
+        "s",
+        "-",
+        higher_is_better=False,
+    )
     o, hf_single = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
     row("decode 1 request (fp32)", o, hf_single, "tok/s", ">= 1.6x HF fp32")
     bound = bw * 1e9 / weight_bytes_per_token(ours)
@@ -180,8 +199,10 @@ def main() -> None:
     del hf
 
     decode_rate, e2e = ours_concurrent(ours, conc, n)
-    print(f"  16 concurrent requests (128-token prompts, {n} new each): decode {decode_rate:.1f} tok/s, "
-          f"end-to-end incl. prefill {e2e:.1f} tok/s")
+    print(
+        f"  16 concurrent requests (128-token prompts, {n} new each): decode {decode_rate:.1f} tok/s, "
+        f"end-to-end incl. prefill {e2e:.1f} tok/s"
+    )
     row("decode 16 concurrent vs HF fp32 single", decode_rate, hf_single, "tok/s", ">= 8x")
     lc = llamacpp_decode(p512, n)
     if lc is not None:
@@ -189,8 +210,10 @@ def main() -> None:
 
     cold = ours_ttft(ours, p2048)
     hit = ours_ttft(ours, p2048, reset=False)
-    print(f"  repeated 2048-token prompt: cold TTFT {cold:.3f}s, device prefix hit {hit:.3f}s = {hit / cold:.1%} "
-          f"of cold (target <= 5%)")
+    print(
+        f"  repeated 2048-token prompt: cold TTFT {cold:.3f}s, device prefix hit {hit:.3f}s = {hit / cold:.1%} "
+        f"of cold (target <= 5%)"
+    )
 
     print("\n| benchmark | ours | peer | ratio | target |\n|---|---|---|---|---|")
     for r in ROWS:

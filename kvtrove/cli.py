@@ -37,8 +37,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for turn, follow_up in enumerate((args.follow_up, None), start=1):
         out = llm.chat(messages, params)[0]
         print(f"\n[turn {turn}] user: {messages[-1]['content']}\nassistant: {out.text.strip()}")
-        print(f"  prompt tokens {out.prompt_tokens}, cached tokens {out.cached_tokens}, "
-              f"TTFT {out.ttft_s * 1000:.1f} ms, {len(out.token_ids)} tokens out")
+        print(
+            f"  prompt tokens {out.prompt_tokens}, cached tokens {out.cached_tokens}, "
+            f"TTFT {out.ttft_s * 1000:.1f} ms, {len(out.token_ids)} tokens out"
+        )
         if follow_up is None:
             break
         messages += [{"role": "assistant", "content": out.text}, {"role": "user", "content": follow_up}]
@@ -57,13 +59,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     print()
     if out is not None:
-        print(f"[{out.prompt_tokens} prompt tokens, {out.cached_tokens} cached, TTFT {out.ttft_s * 1000:.1f} ms, "
-              f"finish: {out.finish_reason}]", file=sys.stderr)
+        print(
+            f"[{out.prompt_tokens} prompt tokens, {out.cached_tokens} cached, TTFT {out.ttft_s * 1000:.1f} ms, "
+            f"finish: {out.finish_reason}]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvtrove", description="kvtrove: LLM inference that reuses KV instead of recomputing it")
+    p = argparse.ArgumentParser(
+        prog="kvtrove", description="kvtrove: LLM inference that reuses KV instead of recomputing it"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="answer a chat prompt, then a follow-up that reuses the first turn's KV")
@@ -85,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except ValueError as e:

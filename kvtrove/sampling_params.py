@@ -64,14 +64,17 @@ class SamplingParams:
         elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
             self.stop_strings = list(self.stop)
         else:
-            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}: {self.stop!r}")
+            raise ValueError(
+                f"stop must be a string or a list of strings, got {type(self.stop).__name__}: {self.stop!r}"
+            )
         if any(s == "" for s in self.stop_strings):
             raise ValueError("stop strings must not be empty")
-        if self.stop_token_ids is not None:
-            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
-            ):
-                raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        ids = self.stop_token_ids
+        if ids is not None and (
+            not isinstance(ids, (list, tuple))
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        ):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
 
     @property
     def greedy(self) -> bool:

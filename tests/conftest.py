@@ -20,17 +20,37 @@ def pytest_configure(config):
     # converted models and stored KV go to a fresh folder, never the user's cache
     os.environ["KVTROVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvtrove-test-cache-")
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+)
 
 # name -> (transformers config class name, extra config)
 ARCHS = {
     "llama": ("LlamaConfig", {}),
-    "llama-rope-llama3": ("LlamaConfig", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-    "llama-rope-linear": ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
-                                                              "factor": 2.0}}),
+    "llama-rope-llama3": (
+        "LlamaConfig",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "llama-rope-linear": (
+        "LlamaConfig",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
     "llama-bias-headdim": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True, "head_dim": 32}),
     "smollm-tied": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
     "mistral": ("MistralConfig", {"sliding_window": 48}),
@@ -60,8 +80,9 @@ def make_tiny_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0) ->
     import transformers
 
     cls_name, extra = ARCHS[arch]
-    cfg = getattr(transformers, cls_name)(**{**TINY, **extra, "vocab_size": 49152,
-                                            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+    cfg = getattr(transformers, cls_name)(
+        **{**TINY, **extra, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(out)

@@ -16,8 +16,13 @@ def prompt_logits(llm, token_ids: list[int]) -> torch.Tensor:
     eng = llm.engine
     assert not eng.has_unfinished()
     T = len(token_ids)
-    meta = AttentionMetadata(slot_mapping=torch.arange(T), num_decodes=0, decode_slots=None, decode_mask=None,
-                             prefills=[eng.runner.prefill_seq(0, 0, T, torch.arange(T))])
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(T),
+        num_decodes=0,
+        decode_slots=None,
+        decode_mask=None,
+        prefills=[eng.runner.prefill_seq(0, 0, T, torch.arange(T))],
+    )
     hidden = eng.model(torch.tensor(token_ids), torch.arange(T), meta)
     eng.pool.reset_cache()  # the slots written above may belong to cached blocks
     return eng.model.compute_logits(hidden)
@@ -27,5 +32,6 @@ def assert_all_blocks_free(llm) -> None:
     eng = llm.engine
     assert not eng.has_unfinished()
     assert eng.pool.num_free_blocks == eng.pool.num_blocks, (
-        f"{eng.pool.num_blocks - eng.pool.num_free_blocks} KV blocks still held")
+        f"{eng.pool.num_blocks - eng.pool.num_free_blocks} KV blocks still held"
+    )
     assert all(b.ref_cnt == 0 for b in eng.pool.blocks)

@@ -8,20 +8,23 @@ from kvtrove import LLM, SamplingParams
 from tests.helpers import assert_all_blocks_free
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be >= 1"),
-    ({"max_tokens": -3}, "max_tokens must be >= 1"),
-    ({"temperature": -0.1}, "temperature must be >= 0"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-    ({"stop": 42}, "stop must be a string or a list of strings"),
-    ({"stop": ["ok", 3]}, "stop must be a string or a list of strings"),
-    ({"top_k": -1}, "top_k must be >= 0"),
-    ({"n": 0}, "n must be >= 1"),
-    ({"logprobs": 100}, "logprobs must be <= 20"),
-    ({"min_p": 2.0}, r"min_p must be in \[0, 1\]"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be >= 1"),
+        ({"max_tokens": -3}, "max_tokens must be >= 1"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"stop": 42}, "stop must be a string or a list of strings"),
+        ({"stop": ["ok", 3]}, "stop must be a string or a list of strings"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"n": 0}, "n must be >= 1"),
+        ({"logprobs": 100}, "logprobs must be <= 20"),
+        ({"min_p": 2.0}, r"min_p must be in \[0, 1\]"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
@@ -60,6 +63,8 @@ def test_bad_engine_options(smollm_path):
         LLM(model=smollm_path, dtype="float8")
     with pytest.raises(ValueError, match="block_size must be a power of two"):
         LLM(model=smollm_path, block_size=12)
+    with pytest.raises(ValueError, match="exceeds this model's context of 8192"):
+        LLM(model=smollm_path, max_model_len=100000)
 
 
 def test_prompt_longer_than_kv_cache(smollm_path):

@@ -66,8 +66,6 @@ def test_chunked_prefill_and_preemption_match_unconstrained(smollm, small_pool):
     assert_all_blocks_free(small_pool)
 
 
-
-
 def test_preemption_happens_and_frees_blocks(small_pool):
     eng = small_pool.engine
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
@@ -112,8 +110,9 @@ def test_stream_deltas_add_up(smollm):
 
 
 def test_chat_uses_template_and_answers(smollm):
-    out = smollm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                      SamplingParams(temperature=0, max_tokens=32))[0]
+    out = smollm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=32)
+    )[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
 

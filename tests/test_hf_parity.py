@@ -13,9 +13,15 @@ PROMPT_LEN, NEW_TOKENS = 64, 64
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def check_parity(llm: LLM, hf_model, ids: list[int]) -> None:
@@ -24,8 +30,9 @@ def check_parity(llm: LLM, hf_model, ids: list[int]) -> None:
         theirs = hf_model(torch.tensor([ids])).logits[0].float()
     diff = (ours - theirs).abs().max().item()
     assert diff <= 1e-3, f"max abs logit diff {diff}"
-    got = llm.generate({"prompt_token_ids": ids},
-                       SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+    got = llm.generate(
+        {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    )[0]
     want = hf_greedy(hf_model, ids, NEW_TOKENS)
     assert got.token_ids == want
     assert_all_blocks_free(llm)
@@ -50,10 +57,12 @@ def test_smollm2_gguf_matches_hf(smollm, smollm_path):
 
     p = Path(smollm_path)
     hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
-    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-            "combined movable metal type with an oil-based ink and a wooden press adapted from wine making. "
-            "Within fifty years presses were at work across Europe, and the price of books fell so far that "
-            "reading spread from monasteries and universities to merchants, artisans and their families.")
+    text = (
+        "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type with an oil-based ink and a wooden press adapted from wine making. "
+        "Within fifty years presses were at work across Europe, and the price of books fell so far that "
+        "reading spread from monasteries and universities to merchants, artisans and their families."
+    )
     ids = smollm.get_tokenizer().encode(text)[:PROMPT_LEN]
     assert len(ids) == PROMPT_LEN
     check_parity(smollm, hf, ids)

@@ -96,3 +96,11 @@ def test_gguf_tokenizer_matches_hf(smollm, smollm_path):
     for text in ["Hello world", "  leading spaces\nand\ttabs", "Ça va? 東京 🚀"]:
         assert ours.encode(text) == ref.encode(text)
     assert ours.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(msgs, tokenize=False)
+
+
+def test_unwritable_cache_still_loads(smollm_path, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("KVTROVE_CACHE_DIR", str(blocker / "cache"))
+    llm = LLM(model=smollm_path, num_blocks=16)
+    assert len(llm.generate("Hi", SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids) == 2

@@ -42,11 +42,13 @@ def test_stop_string_cuts_text(smollm):
     words = free.text.split(",")
     assert len(words) > 2, free.text
     stop = words[1].strip()
-    out = smollm.generate("Count: one, two, three, four, five,",
-                          SamplingParams(temperature=0, max_tokens=20, stop=[stop, "zzz-never"]))[0]
+    out = smollm.generate(
+        "Count: one, two, three, four, five,", SamplingParams(temperature=0, max_tokens=20, stop=[stop, "zzz-never"])
+    )[0]
     assert out.finish_reason == "stop"
     assert stop not in out.text
     assert free.text.startswith(out.text)
+    assert_all_blocks_free(smollm)
 
 
 def test_stop_token_ids_and_max_tokens(smollm):
@@ -54,6 +56,7 @@ def test_stop_token_ids_and_max_tokens(smollm):
     assert free.finish_reason == "length" and len(free.token_ids) == 10
     out = smollm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[free.token_ids[3]]))[0]
     assert out.token_ids == free.token_ids[:4] and out.finish_reason == "stop"
+    assert_all_blocks_free(smollm)
 
 
 def test_logprobs_match_log_softmax(smollm):
@@ -73,16 +76,34 @@ def test_logprobs_match_log_softmax(smollm):
 def test_penalties_reduce_repetition(smollm):
     prompt = "Repeat after me: banana banana banana banana banana banana"
     base = smollm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
-    pen = smollm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                 repetition_penalty=1.8, frequency_penalty=1.0,
-                                                 presence_penalty=1.0))[0]
+    pen = smollm.generate(
+        prompt,
+        SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            repetition_penalty=1.8,
+            frequency_penalty=1.0,
+            presence_penalty=1.0,
+        ),
+    )[0]
     assert len(set(pen.token_ids)) > len(set(base.token_ids))
 
 
 def _batch(n, **kw):
-    fields = dict(temperature=torch.ones(n), top_k=None, top_p=None, min_p=None, repetition_penalty=None,
-                  presence_penalty=None, frequency_penalty=None, seen_mask=None, output_counts=None,
-                  generators=[None] * n, num_logprobs=None)
+    fields = dict(
+        temperature=torch.ones(n),
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        repetition_penalty=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+        seen_mask=None,
+        output_counts=None,
+        generators=[None] * n,
+        num_logprobs=None,
+    )
     fields.update(kw)
     return SamplingBatch(**fields)
 
@@ -90,7 +111,7 @@ def _batch(n, **kw):
 def test_filters_keep_the_right_support():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
-    kept = lambda b: torch.isfinite(filter_logits(logits, b))[0].tolist()  # noqa: E731
+    kept = lambda b: torch.isfinite(filter_logits(logits, b))[0].tolist()
     assert kept(_batch(1, top_k=torch.tensor([2]))) == [True, True, False, False]
     assert kept(_batch(1, top_p=torch.tensor([0.8]))) == [True, True, False, False]
     assert kept(_batch(1, top_p=torch.tensor([0.81]))) == [True, True, True, False]

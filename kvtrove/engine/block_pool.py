@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "key", "token_ids", "prev", "next")
+    __slots__ = ("block_id", "key", "next", "prev", "ref_cnt", "token_ids")
 
     def __init__(self, block_id: int):
         self.block_id = block_id

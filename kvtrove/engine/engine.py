@@ -36,7 +36,12 @@ class Engine:
         self.eos_token_ids = ckpt.eos_token_ids
         self.fingerprint = ckpt.fingerprint
         context = getattr(ckpt.hf_config, "max_position_embeddings", None) or 4096
-        self.max_model_len = min(config.model.max_model_len or context, context)
+        if config.model.max_model_len and config.model.max_model_len > context:
+            raise ValueError(
+                f"max_model_len {config.model.max_model_len} exceeds this model's context of {context} "
+                "tokens (max_position_embeddings)"
+            )
+        self.max_model_len = config.model.max_model_len or context
         self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype)
         cc = config.cache
         per_block = ModelRunner.bytes_per_block(self.model, cc.block_size, dtype)
@@ -46,8 +51,12 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, cc.block_size, self.fingerprint))
         self.groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
-        log.info("engine ready: %d KV blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size,
-                 num_blocks * per_block / 2**30)
+        log.info(
+            "engine ready: %d KV blocks of %d tokens (%.2f GiB)",
+            num_blocks,
+            cc.block_size,
+            num_blocks * per_block / 2**30,
+        )
 
     @property
     def capacity_tokens(self) -> int:
@@ -62,7 +71,9 @@ class Engine:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
                 raise ValueError("prompt_token_ids must be a list of ints")
             vocab = self.hf_config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -80,13 +91,21 @@ class Engine:
             raise ValueError("prompt is empty: it has 0 tokens")
         limit = min(self.max_model_len, self.capacity_tokens)
         if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens"
-                             + (f" and the KV cache holds {self.capacity_tokens}" if self.capacity_tokens < self.max_model_len else "")
-                             + " (the prompt must leave room for at least one generated token)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens"
+                + (
+                    f" and the KV cache holds {self.capacity_tokens}"
+                    if self.capacity_tokens < self.max_model_len
+                    else ""
+                )
+                + " (the prompt must leave room for at least one generated token)"
+            )
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
         if len(ids) + max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the limit of {limit} "
-                             f"tokens; lower max_tokens to at most {limit - len(ids)}")
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the limit of {limit} "
+                f"tokens; lower max_tokens to at most {limit - len(ids)}"
+            )
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -131,9 +150,11 @@ class Engine:
             top = dict(itertools.islice(logprobs.items(), p.logprobs))
             top[token] = logprobs[token]
             r.logprobs.append(top)
-        if (token in self.eos_token_ids and not p.ignore_eos) or (p.stop_token_ids and token in p.stop_token_ids):
-            self.scheduler.finish(r, "stop")
-        elif r.detokenizer.add(token):
+        if (
+            (token in self.eos_token_ids and not p.ignore_eos)
+            or (p.stop_token_ids and token in p.stop_token_ids)
+            or r.detokenizer.add(token)
+        ):
             self.scheduler.finish(r, "stop")
         elif len(r.output_token_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
             self.scheduler.finish(r, "length")
@@ -144,18 +165,28 @@ class Engine:
         for r in group:
             new_ids = r.output_token_ids[r.sent_tokens :]
             r.sent_tokens = len(r.output_token_ids)
-            outs.append(CompletionOutput(
-                index=r.index, text=r.detokenizer.text, token_ids=list(r.output_token_ids),
-                finish_reason=r.finish_reason, logprobs=r.logprobs,
-                delta_text=r.detokenizer.delta(r.finished), delta_token_ids=new_ids,
-            ))
+            outs.append(
+                CompletionOutput(
+                    index=r.index,
+                    text=r.detokenizer.text,
+                    token_ids=list(r.output_token_ids),
+                    finish_reason=r.finish_reason,
+                    logprobs=r.logprobs,
+                    delta_text=r.detokenizer.delta(r.finished),
+                    delta_token_ids=new_ids,
+                )
+            )
         first = group[0]
         finished = all(r.finished for r in group)
         if finished:
             del self.groups[request_id]
         firsts = [r.first_token_time for r in group if r.first_token_time is not None]
         return RequestOutput(
-            request_id=request_id, prompt_token_ids=first.prompt_token_ids, outputs=outs, finished=finished,
-            prompt_tokens=len(first.prompt_token_ids), cached_tokens=first.num_cached_tokens or 0,
+            request_id=request_id,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            prompt_tokens=len(first.prompt_token_ids),
+            cached_tokens=first.num_cached_tokens or 0,
             ttft_s=min(firsts) - first.arrival_time if firsts else None,
         )

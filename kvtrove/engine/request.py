@@ -19,8 +19,16 @@ class Status(enum.Enum):
 
 
 class Request:
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 max_tokens: int, detokenizer: Detokenizer, seed: int | None):
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        detokenizer: Detokenizer,
+        seed: int | None,
+    ):
         self.request_id = request_id
         self.index = index
         """Which of the n samples of its prompt this is."""

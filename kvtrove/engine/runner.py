@@ -48,7 +48,8 @@ class ModelRunner:
         """Attention inputs for `n` new tokens at positions start.. whose context has slots `ctx_slots`."""
         window_cut = self.sliding_window is not None and start + n > self.sliding_window
         return PrefillSeq(
-            start=offset, length=n,
+            start=offset,
+            length=n,
             context_slots=ctx_slots if start else None,
             mask=self._mask(torch.arange(start, start + n), start + n) if start or window_cut else None,
         )
@@ -76,14 +77,16 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping),
             num_decodes=len(decodes),
-            decode_slots=None, decode_mask=None, prefills=prefills,
+            decode_slots=None,
+            decode_mask=None,
+            prefills=prefills,
         )
         if decodes:
             lens = [r.num_computed_tokens + 1 for r in decodes]
             width = max(lens)
-            meta.decode_slots = torch.stack([
-                torch.nn.functional.pad(self._slots(r, 0, n), (0, width - n)) for r, n in zip(decodes, lens)
-            ])
+            meta.decode_slots = torch.stack(
+                [torch.nn.functional.pad(self._slots(r, 0, n), (0, width - n)) for r, n in zip(decodes, lens)]
+            )
             q_pos = torch.tensor(lens) - 1
             if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
                 meta.decode_mask = ~self._mask(q_pos, width)
@@ -118,9 +121,14 @@ class ModelRunner:
         nlp = [p.logprobs for p in ps if p.logprobs is not None]
         return SamplingBatch(
             temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32),
-            top_k=col("top_k", 0, torch.long), top_p=col("top_p", 1.0), min_p=col("min_p", 0.0),
-            repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
-            seen_mask=seen, output_counts=counts,
+            top_k=col("top_k", 0, torch.long),
+            top_p=col("top_p", 1.0),
+            min_p=col("min_p", 0.0),
+            repetition_penalty=rep,
+            presence_penalty=pres,
+            frequency_penalty=freq,
+            seen_mask=seen,
+            output_counts=counts,
             generators=[r.generator for r in reqs],
             num_logprobs=max(nlp) if nlp else None,
         )

@@ -69,8 +69,9 @@ class PagedAttention(nn.Module):
             out[p.start : p.start + p.length] = self._sdpa(qp, kp, vp, mask, p.mask is None)[0].transpose(0, 1)
         return out.flatten(1)
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Single-token queries against their gathered contexts: two batched matmuls (no flash tiling)."""
         B, L = meta.decode_slots.shape
         K, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -88,6 +89,11 @@ class PagedAttention(nn.Module):
 
     def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )

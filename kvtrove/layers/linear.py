@@ -17,8 +17,10 @@ class MergedLinear(nn.Linear):
         lo, hi = self.offsets[shard], self.offsets[shard + 1]
         target = getattr(self, param_name)
         if tensor.shape[0] != hi - lo or tensor.shape[1:] != target.shape[1:]:
-            raise ValueError(f"shard {shard} of {param_name} has shape {tuple(tensor.shape)}, "
-                             f"expected {(hi - lo, *target.shape[1:])}")
+            raise ValueError(
+                f"shard {shard} of {param_name} has shape {tuple(tensor.shape)}, "
+                f"expected {(hi - lo, *target.shape[1:])}"
+            )
         target.data[lo:hi].copy_(tensor)
 
 
@@ -63,4 +65,6 @@ def use_cpu_kernels(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(parent, name, CpuLinear(child.weight.detach(), None if child.bias is None else child.bias.detach()))
+                setattr(
+                    parent, name, CpuLinear(child.weight.detach(), None if child.bias is None else child.bias.detach())
+                )

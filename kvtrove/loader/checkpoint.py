@@ -30,7 +30,9 @@ class Checkpoint:
 def load_checkpoint(path: str, dtype: torch.dtype) -> Checkpoint:
     p = Path(path).expanduser()
     if not p.exists():
-        raise ValueError(f"model path {str(p)!r} does not exist; give a .gguf file or a Hugging Face checkpoint directory")
+        raise ValueError(
+            f"model path {str(p)!r} does not exist; give a .gguf file or a Hugging Face checkpoint directory"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if p.is_file():

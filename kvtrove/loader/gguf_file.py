@@ -7,7 +7,9 @@ later opens read those and memory-map the tensors straight from the GGUF file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from kvtrove.config import cache_dir
 # GGUF architecture -> whether q/k rows were permuted for GGML's interleaved RoPE.
 SUPPORTED = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 FORMAT = 1  # bump when the converted layout changes
+log = logging.getLogger(__name__)
 
 _LAYER = {
     "attn_norm": "input_layernorm",
@@ -59,14 +62,18 @@ def _converted(path: Path) -> Path:
     out = cache_dir() / "gguf" / key
     if (out / "tensors.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    except OSError as e:  # an unwritable cache: convert into a throwaway folder, every time
+        log.warning("cannot write the model cache %s (%s); converting %s without caching", out.parent, e, path.name)
+        out = Path(tempfile.mkdtemp(prefix="kvtrove-gguf-"))
+        _convert(path, out)
+        return out
     try:
         _convert(path, tmp)
-        try:
+        with contextlib.suppress(OSError):  # another process converted it first
             os.rename(tmp, out)
-        except OSError:  # another process converted it first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -89,11 +96,20 @@ def _convert(path: Path, out: Path) -> None:
             try:
                 gguf.quants.dequantize(t.data[:1], t.tensor_type)
             except NotImplementedError:
-                raise ValueError(f"{path.name}: tensor {t.name} has GGUF type {t.tensor_type.name}, which cannot be "
-                                 "dequantized; use a file with another quantization (F32, F16, Q8_0, Q4_K, ...)") from None
+                raise ValueError(
+                    f"{path.name}: tensor {t.name} has GGUF type {t.tensor_type.name}, which cannot be "
+                    "dequantized; use a file with another quantization (F32, F16, Q8_0, Q4_K, ...)"
+                ) from None
             checked.add(t.tensor_type)
-        tensors.append({"name": t.name, "type": int(t.tensor_type), "offset": int(t.data_offset),
-                        "dtype": t.data.dtype.str, "shape": list(t.data.shape)})
+        tensors.append(
+            {
+                "name": t.name,
+                "type": int(t.tensor_type),
+                "offset": int(t.data_offset),
+                "dtype": t.data.dtype.str,
+                "shape": list(t.data.shape),
+            }
+        )
     AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
     (out / "tensors.json").write_text(json.dumps({"architecture": arch, "tensors": tensors}))

@@ -31,6 +31,6 @@ def open_hf_dir(path: Path, dtype: torch.dtype):
 def _tensors(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         with safe_open(f, framework="pt") as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = st.get_tensor(name)
                 yield name, t.to(dtype) if t.is_floating_point() else t

@@ -18,7 +18,10 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 # For configs without `architectures` (e.g. built from GGUF metadata).
 MODEL_TYPES: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
 }
 
 
@@ -33,8 +36,9 @@ def model_class(hf_config) -> type[nn.Module]:
     raise ValueError(f"unknown architecture {archs or model_type!r}; supported: {sorted(ARCHITECTURES)}")
 
 
-def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], max_positions: int,
-                dtype: torch.dtype) -> nn.Module:
+def build_model(
+    hf_config, weights: Iterable[tuple[str, torch.Tensor]], max_positions: int, dtype: torch.dtype
+) -> nn.Module:
     cls = model_class(hf_config)
     with torch.device("meta"):
         model = cls(hf_config, max_positions, dtype)
@@ -68,12 +72,14 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                 continue
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         if params[name].shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(params[name].shape)}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(params[name].shape)}"
+            )
         params[name].data.copy_(tensor)
         loaded.add(name)
     missing = []
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, _ in model.named_parameters(remove_duplicate=False):
         module_name, _, param = name.rpartition(".")
         mod = model.get_submodule(module_name)
         if hasattr(mod, "offsets"):
