@@ -36,10 +36,15 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         ids = self._add_all(prompts, params)
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:  # interrupted or failed: leave the engine clean for the next call
+            for i in ids:
+                self.engine.abort_request(i)
+            raise
         return [done[i] for i in ids]
 
     def chat(

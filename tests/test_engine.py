@@ -123,3 +123,22 @@ def test_prefix_caching_off(smollm_path):
     a, b = llm.generate([prompt], GREEDY)[0], llm.generate([prompt], GREEDY)[0]
     assert a.token_ids == b.token_ids and b.cached_tokens == 0
     assert_all_blocks_free(llm)
+
+
+def test_failure_mid_generate_leaves_engine_clean(smollm, monkeypatch):
+    want = smollm.generate(PROMPTS[0], GREEDY)[0].token_ids
+    orig = smollm.engine.runner.execute
+    calls = []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault")
+        return orig(batch)
+
+    monkeypatch.setattr(smollm.engine.runner, "execute", flaky)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        smollm.generate(PROMPTS[:3], GREEDY)
+    monkeypatch.undo()
+    assert_all_blocks_free(smollm)
+    assert smollm.generate(PROMPTS[0], GREEDY)[0].token_ids == want

@@ -6,6 +6,7 @@ Legend: T = tokens in the step, B = decoding sequences, L = context length, V = 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kvtrove.engine.request import Request
 from kvtrove.engine.scheduler import ScheduledBatch
@@ -32,8 +33,9 @@ class ModelRunner:
         a = model.attention_layers[0]
         return len(model.attention_layers) * 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
 
-    def _slots(self, req: Request, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
+    def _slots(self, req: Request, end: int) -> torch.Tensor:
+        """KV slots of positions 0..end-1 of `req`."""
+        pos = torch.arange(end)
         table = torch.tensor([b.block_id for b in req.blocks])
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
@@ -60,36 +62,34 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
         reqs = [batch.requests[i] for i in order]
         nums = [batch.num_new_tokens[i] for i in order]
-        ids, positions, slot_mapping, sample_rows, prefills = [], [], [], [], []
-        decodes = [r for r, n in zip(reqs, nums) if n == 1]
+        ids, positions, slot_mapping, sample_rows, prefills, decode_ctx = [], [], [], [], [], []
         offset = 0
         for r, n in zip(reqs, nums):
             start = r.num_computed_tokens
             ids.extend(r.all_token_ids[start : start + n])
             positions.append(torch.arange(start, start + n))
-            ctx = self._slots(r, 0, start + n)
+            ctx = self._slots(r, start + n)
             slot_mapping.append(ctx[start:])
-            if n > 1:
+            if n == 1:
+                decode_ctx.append(ctx)
+            else:
                 prefills.append(self.prefill_seq(offset, start, n, ctx))
             if start + n == r.num_tokens:
                 sample_rows.append(offset + n - 1)
             offset += n
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping),
-            num_decodes=len(decodes),
+            num_decodes=len(decode_ctx),
             decode_slots=None,
             decode_mask=None,
             prefills=prefills,
         )
-        if decodes:
-            lens = [r.num_computed_tokens + 1 for r in decodes]
+        if decode_ctx:
+            lens = [len(c) for c in decode_ctx]
             width = max(lens)
-            meta.decode_slots = torch.stack(
-                [torch.nn.functional.pad(self._slots(r, 0, n), (0, width - n)) for r, n in zip(decodes, lens)]
-            )
-            q_pos = torch.tensor(lens) - 1
+            meta.decode_slots = torch.stack([F.pad(c, (0, width - len(c))) for c in decode_ctx])
             if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
-                meta.decode_mask = ~self._mask(q_pos, width)
+                meta.decode_mask = ~self._mask(torch.tensor(lens) - 1, width)
         hidden = self.model(torch.tensor(ids), torch.cat(positions), meta)
         if not sample_rows:
             return [], None
