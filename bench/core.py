@@ -150,6 +150,23 @@ def llamacpp_decode(ids: list[int], n: int) -> float | None:
     return (count - 1) / (time.perf_counter() - first) if count > 1 else None
 
 
+def compare_dtype(dtype: str, p2048, p512, n: int, bw: float, prefill_target: str, decode_target: str):
+    """Prefill and single-request decode, ours vs HF in `dtype`; returns our engine and HF's decode rate."""
+    print(f"\n[{dtype}]")
+    ours = LLM(dtype=dtype)
+    hf = hf_model(getattr(torch, dtype))
+    ours_ttft(ours, p512)  # warm-up
+    hf_ttft(hf, p512)
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    prefill = (ours_ttft(ours, p2048), hf_ttft(hf, p2048))
+    row(f"prefill 2048 tokens TTFT ({short})", *prefill, "s", prefill_target, higher_is_better=False)
+    o, h = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
+    row(f"decode 1 request ({short})", o, h, "tok/s", decode_target)
+    bound = bw * 1e9 / weight_bytes_per_token(ours)
+    print(f"    bandwidth bound {bound:.1f} tok/s -> ours at {o / bound:.0%} of it")
+    return ours, h
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decode-tokens", type=int, default=128)
@@ -161,42 +178,8 @@ def main() -> None:
     p2048, p512 = prompt_ids(2048, 0), prompt_ids(512, 1)
     conc = [prompt_ids(128, 10 + i) for i in range(16)]
 
-    print("\n[bfloat16]")
-    ours = LLM(dtype="bfloat16")
-    hf = hf_model(torch.bfloat16)
-    ours_ttft(ours, p512)  # warm-up
-    hf_ttft(hf, p512)
-    row(
-        "prefill 2048 tokens TTFT (bf16)",
-        ours_ttft(ours, p2048),
-        hf_ttft(hf, p2048),
-        "s",
-        ">= 1.0x HF bf16",
-        higher_is_better=False,
-    )
-    o, h = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
-    row("decode 1 request (bf16)", o, h, "tok/s", ">= 2x HF bf16")
-    bound = bw * 1e9 / weight_bytes_per_token(ours)
-    print(f"    bandwidth bound {bound:.1f} tok/s -> ours at {o / bound:.0%} of it")
-    del ours, hf
-
-    print("\n[float32]")
-    ours = LLM(dtype="float32")
-    hf = hf_model(torch.float32)
-    ours_ttft(ours, p512)
-    row(
-        "prefill 2048 tokens TTFT (fp32, for reference)",
-        ours_ttft(ours, p2048),
-        hf_ttft(hf, p2048),
-        "s",
-        "-",
-        higher_is_better=False,
-    )
-    o, hf_single = ours_decode(ours, p512, n), hf_decode(hf, p512, n)
-    row("decode 1 request (fp32)", o, hf_single, "tok/s", ">= 1.6x HF fp32")
-    bound = bw * 1e9 / weight_bytes_per_token(ours)
-    print(f"    bandwidth bound {bound:.1f} tok/s -> ours at {o / bound:.0%} of it")
-    del hf
+    compare_dtype("bfloat16", p2048, p512, n, bw, prefill_target=">= 1.0x HF bf16", decode_target=">= 2x HF bf16")
+    ours, hf_single = compare_dtype("float32", p2048, p512, n, bw, prefill_target="-", decode_target=">= 1.6x HF fp32")
 
     decode_rate, e2e = ours_concurrent(ours, conc, n)
     print(
