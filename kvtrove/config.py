@@ -69,6 +69,9 @@ class CacheConfig:
     num_blocks: int | None = opt(None, "KV blocks in the device pool; None -> derived from kv_cache_gb.")
     kv_cache_gb: float = opt(1.0, "Memory budget of the device KV pool when num_blocks is not given.")
     enable_prefix_caching: bool = opt(True, "Reuse KV blocks of earlier requests that share a prefix.")
+    decode_kernel: bool = opt(
+        True, "Use the C++ paged decode-attention kernel (compiled on first use; torch ops otherwise)."
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

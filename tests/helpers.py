@@ -20,6 +20,7 @@ def prompt_logits(llm, token_ids: list[int]) -> torch.Tensor:
         slot_mapping=torch.arange(T),
         num_decodes=0,
         decode_slots=None,
+        decode_lens=None,
         decode_mask=None,
         prefills=[eng.runner.prefill_seq(0, 0, T, torch.arange(T))],
     )

@@ -46,7 +46,7 @@ class Engine:
         cc = config.cache
         per_block = ModelRunner.bytes_per_block(self.model, cc.block_size, dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_gb * 2**30) // per_block)
-        self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size)
+        self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size, cc.decode_kernel)
         self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, cc.block_size, self.fingerprint))
         self.groups: dict[str, list[Request]] = {}

@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from kvtrove.engine.request import Request
 from kvtrove.engine.scheduler import ScheduledBatch
 from kvtrove.layers.attention import AttentionMetadata, PrefillSeq
+from kvtrove.layers.kernels import paged_decode
 from kvtrove.layers.sampler import SampleResult, SamplingBatch, sample
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, vocab_size: int):
+    def __init__(
+        self, model: torch.nn.Module, num_blocks: int, block_size: int, vocab_size: int, decode_kernel: bool = True
+    ):
         self.model = model
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -25,8 +28,10 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         # [layers, k/v, KV heads, slots, head dim]
         self.kv_cache = torch.zeros(len(layers), 2, a.num_kv_heads, num_blocks * block_size, a.head_dim, dtype=dtype)
+        kernel = paged_decode() if decode_kernel else None
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
+            layer.decode_kernel = kernel
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -81,6 +86,7 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_mapping),
             num_decodes=len(decode_ctx),
             decode_slots=None,
+            decode_lens=None,
             decode_mask=None,
             prefills=prefills,
         )
@@ -88,8 +94,9 @@ class ModelRunner:
             lens = [len(c) for c in decode_ctx]
             width = max(lens)
             meta.decode_slots = torch.stack([F.pad(c, (0, width - len(c))) for c in decode_ctx])
+            meta.decode_lens = torch.tensor(lens)
             if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
-                meta.decode_mask = ~self._mask(torch.tensor(lens) - 1, width)
+                meta.decode_mask = ~self._mask(meta.decode_lens - 1, width)
         hidden = self.model(torch.tensor(ids), torch.cat(positions), meta)
         if not sample_rows:
             return [], None

@@ -35,16 +35,20 @@ class AttentionMetadata:
     """The first `num_decodes` tokens are single-token decodes, batched together."""
     decode_slots: torch.Tensor | None
     """[B, L] KV slots of each decode's context, padded."""
+    decode_lens: torch.Tensor | None
+    """[B] context length of each decode (new token included)."""
     decode_mask: torch.Tensor | None
     """[B, L] True where attention is NOT allowed (padding, outside the window); None when nothing is masked."""
     prefills: list[PrefillSeq]
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None  # [2, K, S, D], bound by the runner
+        self.decode_kernel = None  # the C++ paged decode module, bound by the runner when available
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D], k/v [T, K, D] -> [T, H * D]
@@ -72,8 +76,14 @@ class PagedAttention(nn.Module):
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """Single-token queries against their gathered contexts: two batched matmuls (no flash tiling)."""
+        """Single-token queries against their contexts in the paged cache."""
         B, L = meta.decode_slots.shape
+        if self.decode_kernel is not None:
+            out = self.decode_kernel.paged_decode(
+                q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, self.scale, self.sliding_window or 0
+            )
+            return out.to(k_cache.dtype)
+        # torch ops: gather each context, then two batched matmuls
         K, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         slots = meta.decode_slots.flatten()
         k = k_cache.index_select(1, slots).view(K, B, L, D)

@@ -15,6 +15,11 @@ from kvtrove.layers.norm import RMSNorm
 from kvtrove.layers.rotary import RotaryEmbedding, apply_rotary
 
 
+def sliding_window(cfg) -> int | None:
+    window = getattr(cfg, "sliding_window", None)
+    return int(window) if window and getattr(cfg, "use_sliding_window", True) else None
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -30,7 +35,9 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window(cfg)
+        )
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         T, H, K = x.shape[0], self.num_heads, self.num_kv_heads
@@ -97,11 +104,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg, max_positions: int, dtype: torch.dtype):
         super().__init__()
-        sliding = getattr(cfg, "sliding_window", None)
-        if sliding and getattr(cfg, "use_sliding_window", True):
-            self.sliding_window: int | None = int(sliding)
-        else:
-            self.sliding_window = None
+        self.sliding_window = sliding_window(cfg)
         self.model = LlamaModel(cfg, max_positions, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
