@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import xxhash
@@ -22,6 +24,11 @@ def paged_decode():
     """The compiled module (with `paged_decode(q, k_cache, v_cache, slots, lens, scale, window)`), or None."""
     try:
         from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its venv is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         # the build targets this CPU (-march=native), so its name carries the CPU's identity
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

@@ -37,8 +37,9 @@ static void decode_kernel(const float* q, const T* kc, const T* vc, const int64_
         float* sg = scores.data() + g * L;
         float mx = sg[first];  // no infinities anywhere: the build uses -ffast-math
         for (int64_t t = first + 1; t < n; ++t) mx = std::max(mx, sg[t]);
+        for (int64_t t = first; t < n; ++t) sg[t] = std::exp(sg[t] - mx);
         float sum = 0.f;
-        for (int64_t t = first; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
+        for (int64_t t = first; t < n; ++t) sum += sg[t];
         const float inv = 1.f / sum;
         for (int64_t t = first; t < n; ++t) sg[t] *= inv;
       }
