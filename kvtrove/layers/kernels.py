@@ -23,6 +23,7 @@ _SRC = Path(__file__).with_name("csrc") / "paged_decode.cpp"
 def paged_decode():
     """The compiled module (with `paged_decode(q, k_cache, v_cache, slots, lens, scale, window)`), or None."""
     try:
+        import torch
         from torch.utils.cpp_extension import load
 
         if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its venv is not on PATH
@@ -30,10 +31,10 @@ def paged_decode():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-        # the build targets this CPU (-march=native), so its name carries the CPU's identity
+        # the build targets this CPU (-march=native) and this torch: its name carries both
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         flags = next((ln for ln in cpu.splitlines() if ln.startswith(("flags", "Features"))), "")
-        tag = xxhash.xxh3_64_hexdigest((flags + _SRC.read_text()).encode())[:12]
+        tag = xxhash.xxh3_64_hexdigest((flags + torch.__version__ + _SRC.read_text()).encode())[:12]
         return load(
             name=f"kvtrove_paged_decode_{tag}",
             sources=[str(_SRC)],
