@@ -22,9 +22,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.vocab_size = vocab_size
-        self.sliding_window: int | None = getattr(model, "sliding_window", None)
         layers = model.attention_layers
         a = layers[0]
+        self.sliding_window: int | None = a.sliding_window
         dtype = next(model.parameters()).dtype
         # [layers, k/v, KV heads, slots, head dim]
         self.kv_cache = torch.zeros(len(layers), 2, a.num_kv_heads, num_blocks * block_size, a.head_dim, dtype=dtype)

@@ -40,7 +40,6 @@ class CpuLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features = weight.shape[0]
         self.bias = bias
         self.weight: torch.Tensor | None = weight
         self.packed: torch.Tensor | None = None

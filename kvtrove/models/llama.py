@@ -104,7 +104,6 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg, max_positions: int, dtype: torch.dtype):
         super().__init__()
-        self.sliding_window = sliding_window(cfg)
         self.model = LlamaModel(cfg, max_positions, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
