@@ -53,6 +53,11 @@ class ModelConfig:
     )
     dtype: str = opt("float32", "Working dtype of weights and KV: float32 or bfloat16.")
     max_model_len: int | None = opt(None, "Longest prompt + output in tokens; None -> the model's own context length.")
+    cpu_kernels: bool = opt(
+        True,
+        "Use kvtrove's C++ CPU kernels (paged decode attention, few-token linear layers); compiled on first "
+        "use, torch ops otherwise.",
+    )
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -69,9 +74,6 @@ class CacheConfig:
     num_blocks: int | None = opt(None, "KV blocks in the device pool; None -> derived from kv_cache_gb.")
     kv_cache_gb: float = opt(1.0, "Memory budget of the device KV pool when num_blocks is not given.")
     enable_prefix_caching: bool = opt(True, "Reuse KV blocks of earlier requests that share a prefix.")
-    decode_kernel: bool = opt(
-        True, "Use the C++ paged decode-attention kernel (compiled on first use; torch ops otherwise)."
-    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

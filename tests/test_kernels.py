@@ -1,13 +1,20 @@
-"""The C++ paged decode kernel against the torch-ops path, and engine output with it on and off."""
+"""The C++ CPU kernels against the torch ops they replace (paged decode attention, few-token linear,
+fused norm / RoPE + KV write / SiLU), and engine output with them on and off."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvtrove import LLM, SamplingParams
+from kvtrove.layers.activation import SiluAndMul
 from kvtrove.layers.attention import AttentionMetadata, PagedAttention
-from kvtrove.layers.kernels import paged_decode
+from kvtrove.layers.kernels import cpu_kernels
+from kvtrove.layers.linear import CpuLinear
+from kvtrove.layers.norm import RMSNorm
+from kvtrove.layers.rotary import RotaryEmbedding
 
 
 def _meta(slots: torch.Tensor, lens: torch.Tensor, window: int | None) -> AttentionMetadata:
@@ -30,8 +37,8 @@ def _meta(slots: torch.Tensor, lens: torch.Tensor, window: int | None) -> Attent
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, window", [(64, None), (128, None), (24, None), (64, 37)])
 def test_kernel_matches_torch_ops(dtype, head_dim, window):
-    kernel = paged_decode()
-    assert kernel is not None, "the C++ kernel must build on the CI machine (gcc + ninja are installed)"
+    kernel = cpu_kernels()
+    assert kernel is not None, "the C++ kernels must build on the CI machine (gcc + ninja are installed)"
     K, G, S, bs = 2, 3, 4096, 16
     attn = PagedAttention(K * G, K, head_dim, head_dim**-0.5, window)
     attn.kv_cache = torch.randn(2, K, S, head_dim).to(dtype)
@@ -44,17 +51,105 @@ def test_kernel_matches_torch_ops(dtype, head_dim, window):
     meta = _meta(slots, lens, window)
     k_cache, v_cache = attn.kv_cache[0], attn.kv_cache[1]
     ref = attn._decode(q, k_cache, v_cache, meta)
-    attn.decode_kernel = kernel
+    attn.kernels = kernel
     got = attn._decode(q, k_cache, v_cache, meta)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert (got.float() - ref.float()).abs().max().item() < tol
 
 
-def test_engine_output_same_with_and_without_kernel(smollm_path):
+def test_engine_output_same_with_and_without_kernels(smollm_path):
     prompts = ["The capital of France is", "A long time ago, in a galaxy far away,", "def add(a, b):"]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    on = LLM(model=smollm_path, num_blocks=64, decode_kernel=True)
-    off = LLM(model=smollm_path, num_blocks=64, decode_kernel=False)
-    assert on.engine.model.attention_layers[0].decode_kernel is not None
-    assert off.engine.model.attention_layers[0].decode_kernel is None
+    on = LLM(model=smollm_path, num_blocks=64, cpu_kernels=True)
+    off = LLM(model=smollm_path, num_blocks=64, cpu_kernels=False)
+    assert on.engine.model.attention_layers[0].kernels is not None
+    assert off.engine.model.attention_layers[0].kernels is None
+    assert on.engine.model.lm_head.kernels is not None
     assert [o.token_ids for o in on.generate(prompts, params)] == [o.token_ids for o in off.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 17, 64, 100])
+@pytest.mark.parametrize("out_features, in_features, bias", [(96, 64, False), (37, 100, True), (5, 7, True)])
+def test_linear_matches_torch(dtype, tokens, out_features, in_features, bias):
+    """Every token count (kernel tiles of 4 and their tails), odd shapes (K not a multiple of 8), bias."""
+    kernel = cpu_kernels()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(tokens)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    direct = kernel.linear(x, w, b)
+    layer = CpuLinear(w, b, kernel)(x)  # kernel or GEMM, by token count
+    assert direct.dtype == layer.dtype == dtype and direct.shape == layer.shape == ref.shape
+    # float32: summation order only; bfloat16: one rounding of the output
+    rtol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (8e-3, 1e-2)
+    torch.testing.assert_close(direct.float(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(layer.float(), ref, rtol=rtol, atol=atol)
+
+
+def test_linear_rejects_bad_shapes():
+    kernel = cpu_kernels()
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] and w \\[N, K\\]"):
+        kernel.linear(torch.randn(2, 8), torch.randn(4, 9), None)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (1.6e-2, 1e-2)  # bf16: one ulp of rounding
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_fused_norm_matches_torch(dtype, tokens):
+    kernel = cpu_kernels()
+    g = torch.Generator().manual_seed(tokens)
+    norm = RMSNorm(96, 1e-6)
+    norm.weight.data = torch.randn(96, generator=g)
+    norm = norm.to(dtype)
+    x = torch.randn(tokens, 96, generator=g).to(dtype)
+    res = torch.randn(tokens, 96, generator=g).to(dtype)
+    ref_plain = norm(x)
+    ref_res = res.clone()
+    ref_out, _ = norm(x, ref_res)
+    norm.kernels = kernel
+    _close(norm(x), ref_plain, dtype)
+    got_res = res.clone()
+    got_out, returned = norm(x, got_res)
+    assert returned is got_res  # the residual is updated in place, as the model relies on
+    _close(got_res, ref_res, dtype)
+    _close(got_out, ref_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_store_matches_torch(dtype):
+    kernel = cpu_kernels()
+    H, K, D, S, T = 6, 2, 32, 64, 5
+    cfg = SimpleNamespace(rope_theta=10000.0)
+    rope = RotaryEmbedding(cfg, D, 128, dtype)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(T, (H + 2 * K) * D, generator=g).to(dtype)
+    cos, sin = rope(torch.tensor([0, 7, 8, 9, 100]))
+    meta = _meta(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), None)
+    meta.slot_mapping = torch.tensor([3, 17, 18, 40, 63])
+    results = []
+    for kernels in (None, kernel):
+        attn = PagedAttention(H, K, D, D**-0.5, None)
+        attn.kv_cache = torch.zeros(2, K, S, D, dtype=dtype)
+        attn.kernels = kernels
+        q, k, v = attn._rotate_and_store(qkv.clone(), cos, sin, meta)
+        results.append((q, k, v, attn.kv_cache))
+    for ref, got in zip(*results):
+        assert ref.shape == got.shape
+        _close(got, ref, dtype)
+    assert results[1][3][:, :, meta.slot_mapping].abs().sum() > 0  # the new tokens' K/V landed in their slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_mul_matches_torch(dtype):
+    act = SiluAndMul()
+    gate_up = torch.randn(7, 2 * 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ref = act(gate_up)
+    act.kernels = cpu_kernels()
+    _close(act(gate_up), ref, dtype)

@@ -14,6 +14,7 @@ from kvtrove.engine.kv_cache_manager import KVCacheManager
 from kvtrove.engine.request import Request
 from kvtrove.engine.runner import ModelRunner
 from kvtrove.engine.scheduler import Scheduler
+from kvtrove.layers.kernels import cpu_kernels
 from kvtrove.loader import load_checkpoint
 from kvtrove.models.registry import build_model
 from kvtrove.outputs import CompletionOutput, RequestOutput
@@ -42,11 +43,12 @@ class Engine:
                 "tokens (max_position_embeddings)"
             )
         self.max_model_len = config.model.max_model_len or context
-        self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype)
+        kernels = cpu_kernels() if config.model.cpu_kernels else None
+        self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype, kernels)
         cc = config.cache
         per_block = ModelRunner.bytes_per_block(self.model, cc.block_size, dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_gb * 2**30) // per_block)
-        self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size, cc.decode_kernel)
+        self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size)
         self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, cc.block_size, self.fingerprint))
         self.groups: dict[str, list[Request]] = {}

@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from kvtrove.engine.request import Request
 from kvtrove.engine.scheduler import ScheduledBatch
 from kvtrove.layers.attention import AttentionMetadata, PrefillSeq
-from kvtrove.layers.kernels import paged_decode
 from kvtrove.layers.sampler import SampleResult, SamplingBatch, sample
 
 
 class ModelRunner:
-    def __init__(
-        self, model: torch.nn.Module, num_blocks: int, block_size: int, vocab_size: int, decode_kernel: bool = True
-    ):
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, vocab_size: int):
         self.model = model
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -28,10 +25,8 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         # [layers, k/v, KV heads, slots, head dim]
         self.kv_cache = torch.zeros(len(layers), 2, a.num_kv_heads, num_blocks * block_size, a.head_dim, dtype=dtype)
-        kernel = paged_decode() if decode_kernel else None
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
-            layer.decode_kernel = kernel
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:

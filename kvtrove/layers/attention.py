@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtrove.layers.rotary import apply_rotary
+
 
 @dataclass
 class PrefillSeq:
@@ -43,18 +45,20 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
+    """RoPE, the KV cache write and attention over the paged cache: the first two fuse into one kernel."""
+
+    kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None  # [2, K, S, D], bound by the runner
-        self.decode_kernel = None  # the C++ paged decode module, bound by the runner when available
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q [T, H, D], k/v [T, K, D] -> [T, H * D]
-        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [K, S, D]: head-major, so gathers are contiguous
-        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv [T, (H + 2K) * D] (projected, not yet rotated); cos/sin [T, D] -> [T, H * D]."""
+        q, k, v = self._rotate_and_store(qkv, cos, sin, meta)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         nd = meta.num_decodes
         if not meta.prefills:
             return self._decode(q, k_cache, v_cache, meta).flatten(1)
@@ -73,13 +77,27 @@ class PagedAttention(nn.Module):
             out[p.start : p.start + p.length] = self._sdpa(qp, kp, vp, mask, p.mask is None)[0].transpose(0, 1)
         return out.flatten(1)
 
+    def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
+        """q [T, H, D] and k/v [T, K, D] with RoPE applied; k and v also written to their cache slots."""
+        T, H, K, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [K, S, D]: head-major, so gathers are contiguous
+        if self.kernels is not None and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous():
+            self.kernels.rope_store(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, H)
+            q, k, v = qkv.view(T, H + 2 * K, D).split([H, K, K], 1)
+            return q, k, v
+        qk, v = qkv.view(T, H + 2 * K, D).split([H + K, K], 1)
+        q, k = apply_rotary(qk, cos, sin).split([H, K], 1)
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        return q, k, v
+
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Single-token queries against their contexts in the paged cache."""
         B, L = meta.decode_slots.shape
-        if self.decode_kernel is not None:
-            out = self.decode_kernel.paged_decode(
+        if self.kernels is not None:
+            out = self.kernels.paged_decode(
                 q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, self.scale, self.sliding_window or 0
             )
             return out.to(k_cache.dtype)

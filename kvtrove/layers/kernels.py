@@ -1,8 +1,11 @@
 """Our C++ CPU kernels, compiled on first use with torch's JIT extension builder (cached per machine).
 
-Only what PyTorch lacks lives here: single-token attention read straight from the paged KV cache
-(the torch path gathers a copy of every context first). When no compiler is available the callers
-fall back to torch ops with the same results.
+Only what PyTorch lacks (measured) lives here: single-token attention read straight from the paged KV
+cache (the torch path gathers a copy of every context first), few-token linear layers that stream
+weights at the machine's read bandwidth (torch's CPU GEMV paths reach about half of it), and the
+elementwise chains between matmuls fused into one pass each (norm + residual, RoPE + KV write,
+SiLU * up), which at decode time cost as much as the matmuls when run as ~30 small ops. When no
+compiler is available the callers fall back to torch ops with the same results.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from pathlib import Path
 import xxhash
 
 log = logging.getLogger(__name__)
-_SRC = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "cpu_linear.cpp", "fused.cpp")]
+_HEADERS = [_CSRC / "vec.h"]
 
 
 @functools.cache
-def paged_decode():
-    """The compiled module (with `paged_decode(q, k_cache, v_cache, slots, lens, scale, window)`), or None."""
+def cpu_kernels():
+    """The compiled module (functions listed in csrc/bindings.cpp), or None when it cannot be built."""
     try:
         import torch
         from torch.utils.cpp_extension import load
@@ -34,13 +39,16 @@ def paged_decode():
         # the build targets this CPU (-march=native) and this torch: its name carries both
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         flags = next((ln for ln in cpu.splitlines() if ln.startswith(("flags", "Features"))), "")
-        tag = xxhash.xxh3_64_hexdigest((flags + torch.__version__ + _SRC.read_text()).encode())[:12]
+        text = flags + torch.__version__ + "".join(p.read_text() for p in _SOURCES + _HEADERS)
+        tag = xxhash.xxh3_64_hexdigest(text.encode())[:12]
         return load(
-            name=f"kvtrove_paged_decode_{tag}",
-            sources=[str(_SRC)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            name=f"kvtrove_cpu_kernels_{tag}",
+            sources=[str(p) for p in _SOURCES],
+            # OpenMP: at::parallel_for runs on torch's thread pool only when the extension is built with it
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, an odd platform: the torch path still works
-        log.warning("C++ paged decode kernel unavailable (%s); using torch ops", e)
+        log.warning("kvtrove's C++ CPU kernels are unavailable (%s); using torch ops", e)
         return None

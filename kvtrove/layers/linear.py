@@ -24,46 +24,60 @@ class MergedLinear(nn.Linear):
         target.data[lo:hi].copy_(tensor)
 
 
-# Batch-size hint for oneDNN's weight layout; measured here, the large-batch layout is also the
-# fastest for single-token decode.
-_PACK_HINT = 2048
+# Up to this many tokens a step is bound by streaming the weights, and our kernel is the fastest path
+# (measured on AVX2 machines against oneDNN and F.linear); beyond, oneDNN's GEMM wins.
+FEW_TOKENS = {torch.float32: 16, torch.bfloat16: 64}
 
 
 class CpuLinear(nn.Module):
-    """The same math as nn.Linear with the CPU kernel that suits this machine.
+    """The same math as nn.Linear with the CPU kernel that suits the step; one copy of the weight.
 
-    - oneDNN prepacked weights where the CPU has a kernel for the dtype (fp32 everywhere with AVX2;
-      bf16 needs AVX512-BF16/AVX-NE-CONVERT): no per-call repacking, ~2x faster for small batches.
-    - bf16 without such a CPU: a single token uses the bf16 GEMV; more tokens upcast the weight and
-      compute in float32, rounding the output to bf16 (what a bf16 GEMM with fp32 accumulation does).
+    - Few tokens (decode): kvtrove's C++ kernel, which streams the weight at read bandwidth.
+    - More tokens (prefill): oneDNN's GEMM on the plain weight. bf16 on CPUs without native bf16
+      (AVX512-BF16/AMX) computes in float32 and rounds the output to bf16, what a bf16 GEMM with
+      float32 accumulation does.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    kernels = None  # kvtrove's C++ CPU kernels
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None):
         super().__init__()
+        self.weight = weight.contiguous()
         self.bias = bias
-        self.weight: torch.Tensor | None = weight
-        self.packed: torch.Tensor | None = None
-        if torch.backends.mkldnn.is_available():
-            try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
-                self.weight = None
-            except RuntimeError:
-                pass
+        self.kernels = kernels
+        self.onednn = torch.backends.mkldnn.is_available()
+        self.upcast = weight.dtype == torch.bfloat16 and not (
+            self.onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if x.dtype == torch.bfloat16 and x.numel() > x.shape[-1]:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.kernels is not None and x2.shape[0] <= FEW_TOKENS.get(x.dtype, 0):
+            y = self.kernels.linear(x2, self.weight, self.bias)
+        elif self.upcast:
             b = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), b).to(torch.bfloat16)
-        return F.linear(x, self.weight, self.bias)
+            y = self._gemm(x2.float(), self.weight.float(), b).to(x.dtype)
+        else:
+            y = self._gemm(x2, self.weight, self.bias)
+        return y.view(*x.shape[:-1], -1)
+
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, w, b)
 
 
-def use_cpu_kernels(model: nn.Module) -> None:
-    """Swap every CPU nn.Linear (fused ones included) for a CpuLinear; model code stays unchanged."""
+def use_cpu_kernels(model: nn.Module, kernels=None) -> None:
+    """Swap every CPU nn.Linear (fused ones included) for a CpuLinear, and hand `kernels` to every layer
+    that declares a `kernels` slot; model code stays unchanged.
+
+    `kernels` is the compiled C++ module (`kernels.cpu_kernels()`), or None for torch ops only.
+    """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(
-                    parent, name, CpuLinear(child.weight.detach(), None if child.bias is None else child.bias.detach())
-                )
+                bias = None if child.bias is None else child.bias.detach()
+                setattr(parent, name, CpuLinear(child.weight.detach(), bias, kernels))
+    for module in model.modules():
+        if hasattr(type(module), "kernels"):
+            module.kernels = kernels

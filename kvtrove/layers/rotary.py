@@ -38,10 +38,11 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer("sin", sin.to(self.dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [T, 1, D] each, broadcast over heads
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+        """cos and sin rows of each token, [T, D] each."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x) and its sign already in `sin`."""
+    """x [T, heads, D] * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x) and its sign in `sin`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin)

@@ -6,13 +6,13 @@ Legend: T = tokens in the step, E = hidden size, H/K = query/KV heads, D = head 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kvtrove.layers.activation import SiluAndMul
 from kvtrove.layers.attention import AttentionMetadata, PagedAttention
 from kvtrove.layers.linear import MergedLinear
 from kvtrove.layers.norm import RMSNorm
-from kvtrove.layers.rotary import RotaryEmbedding, apply_rotary
+from kvtrove.layers.rotary import RotaryEmbedding
 
 
 def sliding_window(cfg) -> int | None:
@@ -40,13 +40,12 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
-        T, H, K = x.shape[0], self.num_heads, self.num_kv_heads
-        qk, v = self.qkv_proj(x).split([(H + K) * self.head_dim, K * self.head_dim], -1)
-        qk = qk.view(T, H + K, self.head_dim)  # [T, H + K, D]: q and k heads side by side
+        qkv = self.qkv_proj(x)  # [T, (H + 2K) * D]: q, k and v heads side by side
         if self.qk_norm:
-            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], 1)
-        q, k = apply_rotary(qk, *cos_sin).split([H, K], 1)
-        return self.o_proj(self.attn(q, k, v.view(T, K, self.head_dim), meta))
+            T, H, K = x.shape[0], self.num_heads, self.num_kv_heads
+            q, k, v = qkv.view(T, H + 2 * K, self.head_dim).split([H, K, K], 1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], 1).view(T, -1)
+        return self.o_proj(self.attn(qkv, *cos_sin, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -57,10 +56,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -71,9 +70,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, meta: AttentionMetadata):
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -88,9 +92,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, E]
         cos_sin = self.rotary(positions)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos_sin, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos_sin, meta)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

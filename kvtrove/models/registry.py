@@ -37,8 +37,13 @@ def model_class(hf_config) -> type[nn.Module]:
 
 
 def build_model(
-    hf_config, weights: Iterable[tuple[str, torch.Tensor]], max_positions: int, dtype: torch.dtype
+    hf_config,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    max_positions: int,
+    dtype: torch.dtype,
+    kernels=None,
 ) -> nn.Module:
+    """The model with its weights; `kernels` is the compiled C++ module its CPU layers may use."""
     cls = model_class(hf_config)
     with torch.device("meta"):
         model = cls(hf_config, max_positions, dtype)
@@ -49,7 +54,7 @@ def build_model(
             module.reset_buffers()
     load_weights(model, weights)
     model = model.eval().requires_grad_(False)
-    use_cpu_kernels(model)
+    use_cpu_kernels(model, kernels)
     return model
 
 

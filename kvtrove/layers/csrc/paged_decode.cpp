@@ -1,57 +1,44 @@
 // Single-token attention read straight from the paged KV cache: no gathered copy of the context.
 // q [B, H, D]; k_cache, v_cache [K, S, D] (head-major slots); slots [B, L] int64; lens [B] int64.
 // Returns [B, H, D] float32. Scores, softmax and the weighted sum run in float32. Built with
-// -ffast-math so the dot products and exp vectorize; nothing here produces or reads inf/NaN.
+// -ffast-math; nothing here produces or reads inf/NaN.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
-// D is a template argument where it is known (64, 128) so the loops over it vectorize fully.
-template <typename T, int64_t DC>
+#include "vec.h"
+
+template <typename T>
 static void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slots, const int64_t* lens,
-                          float* out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t Drt, int64_t L,
-                          float scale, int64_t window) {
-  const int64_t D = DC > 0 ? DC : Drt;
-  const int64_t G = H / K;
+                          float* out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t L, float scale,
+                          int64_t window) {
+  const int64_t G = H / K;  // query heads sharing one KV head: each K/V row is read once for all of them
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(G * L);
-    std::vector<float> kv(D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / K, h = idx % K, n = lens[b];
       const int64_t first = window > 0 && n > window ? n - window : 0;
       const float* qb = q + (b * H + h * G) * D;
       for (int64_t t = first; t < n; ++t) {
         const T* kp = kc + (h * S + slots[b * L + t]) * D;
-        for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(kp[d]);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qb + g * D;
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * kv[d];
-          scores[g * L + t] = s * scale;
-        }
+        for (int64_t g = 0; g < G; ++g) scores[g * L + t] = kvt::dot(kp, qb + g * D, D) * scale;
       }
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * L;
         float mx = sg[first];  // no infinities anywhere: the build uses -ffast-math
         for (int64_t t = first + 1; t < n; ++t) mx = std::max(mx, sg[t]);
-        for (int64_t t = first; t < n; ++t) sg[t] = std::exp(sg[t] - mx);
         float sum = 0.f;
-        for (int64_t t = first; t < n; ++t) sum += sg[t];
+        for (int64_t t = first; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
         const float inv = 1.f / sum;
         for (int64_t t = first; t < n; ++t) sg[t] *= inv;
       }
       float* ob = out + (b * H + h * G) * D;
       for (int64_t t = first; t < n; ++t) {
         const T* vp = vc + (h * S + slots[b * L + t]) * D;
-        for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(vp[d]);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * L + t];
-          float* og = ob + g * D;
-          for (int64_t d = 0; d < D; ++d) og[d] += p * kv[d];
-        }
+        for (int64_t g = 0; g < G; ++g) kvt::axpy(scores[g * L + t], vp, ob + g * D, D);
       }
     }
   });
@@ -69,26 +56,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kBFloat16,
               "KV cache must be float32 or bfloat16");
   const bool f32 = k_cache.scalar_type() == torch::kFloat32;
-  auto run = [&](auto dc) {
-    constexpr int64_t DC = decltype(dc)::value;
-    if (f32) {
-      decode_kernel<float, DC>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                               sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, S, D,
-                               L, static_cast<float>(scale), window);
-    } else {
-      decode_kernel<at::BFloat16, DC>(qf.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
-                                      v_cache.data_ptr<at::BFloat16>(), sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(),
-                                      out.data_ptr<float>(), B, H, K, S, D, L, static_cast<float>(scale), window);
-    }
-  };
-  if (D == 64) {
-    run(std::integral_constant<int64_t, 64>{});
-  } else if (D == 128) {
-    run(std::integral_constant<int64_t, 128>{});
+  if (f32) {
+    decode_kernel<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                         sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, S, D, L,
+                         static_cast<float>(scale), window);
   } else {
-    run(std::integral_constant<int64_t, 0>{});
+    decode_kernel<c10::BFloat16>(qf.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
+                                 v_cache.data_ptr<c10::BFloat16>(), sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(),
+                                 out.data_ptr<float>(), B, H, K, S, D, L, static_cast<float>(scale), window);
   }
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }
