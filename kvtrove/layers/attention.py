@@ -97,10 +97,9 @@ class PagedAttention(nn.Module):
         """Single-token queries against their contexts in the paged cache."""
         B, L = meta.decode_slots.shape
         if self.kernels is not None:
-            out = self.kernels.paged_decode(
+            return self.kernels.paged_decode(
                 q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, self.scale, self.sliding_window or 0
             )
-            return out.to(k_cache.dtype)
         # torch ops: gather each context, then two batched matmuls
         K, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         slots = meta.decode_slots.flatten()

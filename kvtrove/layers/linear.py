@@ -45,14 +45,17 @@ class CpuLinear(nn.Module):
         self.weight = weight.contiguous()
         self.bias = bias
         self.kernels = kernels
+        self.few_tokens = FEW_TOKENS.get(weight.dtype, 0)
         self.onednn = torch.backends.mkldnn.is_available()
         self.upcast = weight.dtype == torch.bfloat16 and not (
             self.onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= self.few_tokens and self.kernels is not None:  # the decode path: lean
+            return self.kernels.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
-        if self.kernels is not None and x2.shape[0] <= FEW_TOKENS.get(x.dtype, 0):
+        if x2.shape[0] <= self.few_tokens and self.kernels is not None:
             y = self.kernels.linear(x2, self.weight, self.bias)
         elif self.upcast:
             b = None if self.bias is None else self.bias.float()

@@ -18,25 +18,32 @@ namespace {
 
 using kvt::to_f;
 
-// x in the order a 16-weight step consumes it (identity for float32); the K % 16 tail stays in place.
-template <typename W>
-void order_x(const float* x, float* xo, int64_t M, int64_t K) {
+// x as float32, in the order a 16-weight step consumes it (identity for float32 weights); the K % 16
+// tail stays in place.
+template <typename W, typename X>
+void order_x(const X* x, float* xo, int64_t M, int64_t K) {
   for (int64_t m = 0; m < M; ++m) {
-    const float* src = x + m * K;
+    const X* src = x + m * K;
     float* dst = xo + m * K;
     int64_t k = 0;
     if constexpr (std::is_same_v<W, c10::BFloat16>) {
       for (; k + 16 <= K; k += 16) {
         for (int j = 0; j < 4; ++j) {
-          dst[k + j] = src[k + j];
-          dst[k + 4 + j] = src[k + 8 + j];
-          dst[k + 8 + j] = src[k + 4 + j];
-          dst[k + 12 + j] = src[k + 12 + j];
+          dst[k + j] = to_f(src[k + j]);
+          dst[k + 4 + j] = to_f(src[k + 8 + j]);
+          dst[k + 8 + j] = to_f(src[k + 4 + j]);
+          dst[k + 12 + j] = to_f(src[k + 12 + j]);
         }
       }
     }
-    for (; k < K; ++k) dst[k] = src[k];
+    for (; k < K; ++k) dst[k] = to_f(src[k]);
   }
+}
+
+// The output element: bias added, rounded to the output dtype.
+template <typename O, typename W>
+inline void store(O* y, float s, const W* bias, int64_t n) {
+  *y = static_cast<O>(bias != nullptr ? s + to_f(bias[n]) : s);
 }
 
 #ifdef KVT_AVX2
@@ -76,8 +83,8 @@ float dot(const W* w, const float* x, int64_t K) {
 }
 
 // R rows x MB tokens: each weight vector loaded once feeds MB FMAs.
-template <typename W, int R, int MB>
-void tile(const W* w, const float* x, float* y, int64_t K, int64_t N) {
+template <typename W, typename O, int R, int MB>
+void tile(const W* w, const float* x, O* y, const W* bias, int64_t n0, int64_t K, int64_t N) {
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -101,7 +108,7 @@ void tile(const W* w, const float* x, float* y, int64_t K, int64_t N) {
     for (int m = 0; m < MB; ++m) {
       float s = kvt::hsum(acc[r][m]);
       for (int64_t j = k; j < K; ++j) s += to_f(w[r * K + j]) * x[m * K + j];
-      y[m * N + r] = s;
+      store(y + m * N + r, s, bias, n0 + r);
     }
 }
 #else
@@ -119,56 +126,60 @@ float dot(const W* w, const float* x, int64_t K) {
   return s;
 }
 
-template <typename W, int R, int MB>
-void tile(const W* w, const float* x, float* y, int64_t K, int64_t N) {
+template <typename W, typename O, int R, int MB>
+void tile(const W* w, const float* x, O* y, const W* bias, int64_t n0, int64_t K, int64_t N) {
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) y[m * N + r] = dot(w + r * K, x + m * K, K);
+    for (int m = 0; m < MB; ++m) store(y + m * N + r, dot(w + r * K, x + m * K, K), bias, n0 + r);
 }
 #endif
 
-template <typename W, int R>
-void tokens(const W* w, const float* x, float* y, int64_t M, int64_t K, int64_t N) {
+template <typename W, typename O, int R>
+void tokens(const W* w, const float* x, O* y, const W* bias, int64_t n0, int64_t M, int64_t K, int64_t N) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<W, R, 4>(w, x + m * K, y + m * N, K, N);
+  for (; m + 4 <= M; m += 4) tile<W, O, R, 4>(w, x + m * K, y + m * N, bias, n0, K, N);
   switch (M - m) {
-    case 3: tile<W, R, 3>(w, x + m * K, y + m * N, K, N); break;
-    case 2: tile<W, R, 2>(w, x + m * K, y + m * N, K, N); break;
-    case 1: tile<W, R, 1>(w, x + m * K, y + m * N, K, N); break;
+    case 3: tile<W, O, R, 3>(w, x + m * K, y + m * N, bias, n0, K, N); break;
+    case 2: tile<W, O, R, 2>(w, x + m * K, y + m * N, bias, n0, K, N); break;
+    case 1: tile<W, O, R, 1>(w, x + m * K, y + m * N, bias, n0, K, N); break;
     default: break;
   }
 }
 
-template <typename W>
-void rows(const W* w, const float* x, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  if (M == 1) {
-    for (int64_t n = n0; n < n1; ++n) y[n] = dot(w + n * K, x, K);
-    return;
-  }
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) tokens<W, 2>(w + n * K, x, y + n, M, K, N);
-  if (n < n1) tokens<W, 1>(w + n * K, x, y + n, M, K, N);
-}
-
-template <typename W>
-void run(const W* w, const float* x, float* y, int64_t M, int64_t K, int64_t N) {
+// x [M, K] (any float type), w [N, K], bias [N] or null -> y [M, N] in O.
+template <typename W, typename X, typename O>
+void run(const W* w, const X* x, O* y, const W* bias, int64_t M, int64_t K, int64_t N) {
   std::vector<float> xo(M * K);
   order_x<W>(x, xo.data(), M, K);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows(w, xo.data(), y, M, K, N, n0, n1); });
+  const float* xs = xo.data();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (M == 1) {
+      for (int64_t n = n0; n < n1; ++n) store(y + n, dot(w + n * K, xs, K), bias, n);
+      return;
+    }
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) tokens<W, O, 2>(w + n * K, xs, y + n, bias, n, M, K, N);
+    if (n < n1) tokens<W, O, 1>(w + n * K, xs, y + n, bias, n, M, K, N);
+  });
 }
 
 }  // namespace
 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear: x [M, K] and w [N, K] expected");
-  TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-              "linear: contiguous float32/bfloat16 weight expected");
-  const auto xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, xf.options());
-  if (w.scalar_type() == at::kFloat)
-    run(w.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), M, K, N);
-  else
-    run(w.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), y.data_ptr<float>(), M, K, N);
-  if (bias) y.add_(*bias);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  TORCH_CHECK(w.is_contiguous() && x.scalar_type() == w.scalar_type() &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "linear: contiguous float32/bfloat16 weight of x's dtype expected");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == w.scalar_type() && bias->numel() == w.size(0)),
+              "linear: bias [N] of the weight's dtype expected");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, xc.options());
+  if (w.scalar_type() == at::kFloat) {
+    run(w.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, M,
+        K, N);
+  } else {
+    using B = c10::BFloat16;
+    run(w.data_ptr<B>(), xc.data_ptr<B>(), y.data_ptr<B>(), bias ? bias->data_ptr<B>() : nullptr, M, K, N);
+  }
+  return y;
 }
