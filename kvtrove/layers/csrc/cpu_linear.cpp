@@ -90,18 +90,22 @@ void tile(const W* w, const float* x, O* y, const W* bias, int64_t n0, int64_t K
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    __m256 lo[R], hi[R];  // R rows' 16 weights, widened once; each x vector is loaded once for all R rows
     for (int r = 0; r < R; ++r) {
-      __m256 lo, hi;
       if constexpr (std::is_same_v<W, float>) {
-        lo = _mm256_loadu_ps(w + r * K + k);
-        hi = _mm256_loadu_ps(w + r * K + k + 8);
+        lo[r] = _mm256_loadu_ps(w + r * K + k);
+        hi[r] = _mm256_loadu_ps(w + r * K + k + 8);
       } else {
-        widen(w + r * K + k, lo, hi);
+        widen(w + r * K + k, lo[r], hi[r]);
       }
-      for (int m = 0; m < MB; ++m) {
-        acc[r][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[r][m]);
-        acc[r][m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[r][m]);
-      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(lo[r], xv, acc[r][m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k + 8);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(hi[r], xv, acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
