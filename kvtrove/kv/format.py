@@ -1,0 +1,113 @@
+"""The stored form of a KV chunk: a self-describing header, the raw tensor bytes, a checksum over both.
+
+    "KVTC" | version u16 | header length u32 | header (JSON) | payload (raw KV) | xxh3-128 digest
+
+Chunks come back from disk or from a pool shared with other engines, so they are untrusted: decoding
+parses JSON and raw little-endian bytes only (never pickle or torch.load), and checks the checksum,
+the key, the model fingerprint, the dtype, the shape and the payload size before a tensor is built.
+The payload is [layers, 2 (k/v), KV heads, tokens, head dim] in the working dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+MAGIC = b"KVTC"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHI")
+_DIGEST = 16
+_MAX_HEADER = 1 << 20
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ChunkError(ValueError):
+    """A stored chunk that must not be used; `reason` names the check that failed (for counters)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"bad KV chunk ({reason}): {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    key: bytes
+    parent: bytes
+    fingerprint: bytes
+    dtype: str
+    shape: tuple[int, int, int, int, int]
+    """[layers, 2, KV heads, tokens, head dim]"""
+    token_ids: tuple[int, ...]
+
+
+def encode(header: ChunkHeader, kv: torch.Tensor) -> bytes:
+    """The chunk's bytes; `kv` must match the header's shape and dtype."""
+    if tuple(kv.shape) != header.shape or kv.dtype != DTYPES.get(header.dtype):
+        raise ValueError(f"KV {tuple(kv.shape)} {kv.dtype} does not match the header {header.shape} {header.dtype}")
+    if len(header.token_ids) != header.shape[3]:
+        raise ValueError(f"{len(header.token_ids)} token ids for a chunk of {header.shape[3]} tokens")
+    meta = json.dumps(
+        {
+            "key": header.key.hex(),
+            "parent": header.parent.hex(),
+            "fingerprint": header.fingerprint.hex(),
+            "dtype": header.dtype,
+            "shape": list(header.shape),
+            "token_ids": list(header.token_ids),
+        },
+        separators=(",", ":"),
+    ).encode()
+    payload = kv.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    if sys.byteorder != "little":  # the format is little-endian; every platform torch ships on is
+        raise RuntimeError("big-endian hosts are not supported")
+    body = _PREFIX.pack(MAGIC, VERSION, len(meta)) + meta + payload
+    return body + xxhash.xxh3_128_digest(body)
+
+
+def decode(data: bytes, key: bytes, fingerprint: bytes, dtype: torch.dtype) -> tuple[ChunkHeader, torch.Tensor]:
+    """Header and KV of a stored chunk expected under `key` for this model and dtype; ChunkError if unusable."""
+    view = memoryview(data)
+    if len(view) < _PREFIX.size + _DIGEST:
+        raise ChunkError("truncated", f"{len(view)} bytes")
+    magic, version, hlen = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise ChunkError("magic", f"starts with {bytes(magic)!r}")
+    if version != VERSION:
+        raise ChunkError("version", f"format version {version}, this build reads {VERSION}")
+    if hlen > _MAX_HEADER or _PREFIX.size + hlen + _DIGEST > len(view):
+        raise ChunkError("truncated", f"header of {hlen} bytes in a {len(view)}-byte chunk")
+    body = view[: len(view) - _DIGEST]
+    if xxhash.xxh3_128_digest(body) != bytes(view[len(view) - _DIGEST :]):
+        raise ChunkError("checksum", "the digest does not match the bytes")
+    try:
+        meta = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
+        header = ChunkHeader(
+            key=bytes.fromhex(meta["key"]),
+            parent=bytes.fromhex(meta["parent"]),
+            fingerprint=bytes.fromhex(meta["fingerprint"]),
+            dtype=str(meta["dtype"]),
+            shape=tuple(int(d) for d in meta["shape"]),
+            token_ids=tuple(int(t) for t in meta["token_ids"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChunkError("header", f"unreadable header ({e})") from None
+    if header.key != key:
+        raise ChunkError("key", f"holds {header.key.hex()}, expected {key.hex()}")
+    if header.fingerprint != fingerprint or DTYPES.get(header.dtype) != dtype:
+        raise ChunkError("foreign", f"from another model or dtype ({header.dtype})")
+    shape = header.shape
+    if len(shape) != 5 or shape[1] != 2 or min(shape) < 1 or len(header.token_ids) != shape[3]:
+        raise ChunkError("shape", f"shape {shape} with {len(header.token_ids)} token ids")
+    payload = body[_PREFIX.size + hlen :]
+    expected = dtype.itemsize
+    for d in shape:
+        expected *= d
+    if len(payload) != expected:
+        raise ChunkError("truncated", f"payload of {len(payload)} bytes, shape {shape} needs {expected}")
+    kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).view(shape)
+    return header, kv
