@@ -1,0 +1,191 @@
+"""Local disk tier: one file per chunk in a directory, within a byte capacity; survives restarts.
+
+Layout: `<dir>/<first 2 hex of key>/<key hex>.kvc`. Writes go to a temp file in the same folder and
+are renamed into place (atomic on POSIX), so a reader — this process or another engine sharing the
+directory — sees a whole chunk or none. The index (sizes, LRU order) is rebuilt from the directory
+at start and learns files other engines add when it meets them. A failing directory (full,
+read-only, removed) logs one warning and switches the tier off for a cool-down, then it retries
+(recreating the directory); no call raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtrove.kv.eviction import Eviction
+from kvtrove.kv.tiers.base import Tier, TierStats
+
+log = logging.getLogger(__name__)
+SUFFIX = ".kvc"
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int, eviction: str = "lru", cooldown_s=30.0):
+        if capacity_bytes < 0:
+            raise ValueError(f"disk tier capacity must be >= 0 bytes, got {capacity_bytes}")
+        self.root = Path(directory).expanduser()
+        self.capacity = capacity_bytes
+        self.cooldown_s = cooldown_s
+        self._sizes: dict[bytes, int] = {}
+        self._bytes = 0
+        self._order = Eviction(eviction)
+        self._stats = TierStats(capacity_bytes=capacity_bytes)
+        self._lock = threading.Lock()
+        self._off_until = 0.0
+        with self._lock:
+            self._guard("open", self._scan)
+
+    # ---- Tier -----------------------------------------------------------------------------------
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        with self._lock:
+            if not self._on():
+                self._stats.misses += len(keys)
+                return out
+            for i, key in enumerate(keys):
+                try:
+                    data = self._path(key).read_bytes()
+                except FileNotFoundError:
+                    self._forget(key)
+                    self._stats.misses += 1
+                    continue
+                except OSError as e:
+                    self._fail("read", e)
+                    self._stats.misses += len(keys) - i
+                    return out
+                self._stats.hits += 1
+                self._stats.bytes_read += len(data)
+                self._know(key, len(data))
+                self._order.touch(key)
+                out[i] = data
+        return out
+
+    def put(self, items: Sequence[tuple[bytes, bytes, float]]) -> None:
+        with self._lock:
+            if not self._on():
+                return
+            for key, value, cost in items:
+                if len(value) <= self.capacity and not self._guard("write", self._write, key, value, cost):
+                    break  # the tier is off for its cool-down
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            if not self._on():
+                return [False] * len(keys)
+            return [key in self._sizes or self._path(key).exists() for key in keys]
+
+    def delete(self, keys: Sequence[bytes], rejected: bool = False) -> None:
+        with self._lock:
+            for key in keys:
+                self._unlink(key)
+                self._stats.rejected += rejected
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.entries = len(self._sizes)
+            self._stats.bytes = self._bytes
+            return TierStats(**self._stats.as_dict())
+
+    def clear(self) -> None:
+        """Delete every stored chunk (other engines' too: the directory is shared)."""
+        with self._lock:
+            self._guard("clear", self._scan)
+            for key in list(self._sizes):
+                self._unlink(key)
+
+    # ---- internals (called with the lock held) ---------------------------------------------------
+
+    def _path(self, key: bytes) -> Path:
+        h = key.hex()
+        return self.root / h[:2] / (h + SUFFIX)
+
+    def _scan(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        found = []
+        for sub in self.root.iterdir():
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for f in sub.iterdir():
+                if f.suffix != SUFFIX:
+                    continue
+                try:
+                    st = f.stat()
+                    found.append((st.st_mtime, bytes.fromhex(f.stem), st.st_size))
+                except (OSError, ValueError):
+                    continue
+        for _, key, size in sorted(found):  # oldest first: the LRU order survives a restart
+            self._know(key, size)
+
+    def _write(self, key: bytes, value: bytes, cost: float) -> None:
+        path = self._path(key)
+        if key in self._sizes or path.exists():
+            self._know(key, len(value))
+            self._order.touch(key)
+            return
+        while self._bytes + len(value) > self.capacity:
+            victim = self._order.victim()
+            if victim is None:
+                break
+            self._unlink(victim)
+            self._stats.evictions += 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(value)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._forget(key)
+        self._sizes[key] = len(value)
+        self._bytes += len(value)
+        self._order.add(key, len(value), cost)
+        self._stats.bytes_written += len(value)
+
+    def _know(self, key: bytes, size: int) -> None:
+        if key not in self._sizes:
+            self._sizes[key] = size
+            self._bytes += size
+            self._order.add(key, size)
+
+    def _forget(self, key: bytes) -> None:
+        self._bytes -= self._sizes.pop(key, 0)
+        self._order.remove(key)
+
+    def _unlink(self, key: bytes) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            self._fail("delete", e)
+        self._forget(key)
+
+    def _on(self) -> bool:
+        if self._off_until and time.monotonic() >= self._off_until:
+            self._off_until = 0.0
+            self._guard("reopen", self._scan)
+        return not self._off_until
+
+    def _guard(self, what: str, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except OSError as e:
+            self._fail(what, e)
+            return False
+
+    def _fail(self, what: str, e: OSError) -> None:
+        if not self._off_until:
+            log.warning(
+                "KV disk tier %s failed at %s (%s); off for %.0f s, then retried", self.root, what, e, self.cooldown_s
+            )
+        self._off_until = time.monotonic() + self.cooldown_s
