@@ -9,12 +9,12 @@
 #include <cmath>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-template <typename T>
-inline float f32(T v) {
-  return static_cast<float>(v);
-}
+using kvt::to_f;
+
 template <typename T>
 inline float round_to(float v) {  // the value as stored in T, back in float32
   return static_cast<float>(static_cast<T>(v));
@@ -29,9 +29,9 @@ void add_rms_norm_kernel(const T* x, T* residual, const T* weight, T* out, int64
       T* res = residual + r * E;
       float ss = 0.f;
       for (int64_t e = 0; e < E; ++e) {
-        float v = f32(res[e]);
+        float v = to_f(res[e]);
         if (x != nullptr) {
-          v = round_to<T>(v + f32(x[r * E + e]));
+          v = round_to<T>(v + to_f(x[r * E + e]));
           res[e] = static_cast<T>(v);
         }
         h[e] = v;
@@ -39,7 +39,7 @@ void add_rms_norm_kernel(const T* x, T* residual, const T* weight, T* out, int64
       }
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(E) + eps);
       T* o = out + r * E;
-      for (int64_t e = 0; e < E; ++e) o[e] = static_cast<T>(f32(weight[e]) * round_to<T>(h[e] * inv));
+      for (int64_t e = 0; e < E; ++e) o[e] = static_cast<T>(to_f(weight[e]) * round_to<T>(h[e] * inv));
     }
   });
 }
@@ -58,10 +58,10 @@ void rope_store_kernel(T* qkv, const T* cos, const T* sin, const int64_t* slots,
       T* row = qkv + t * width;
       for (int64_t h = 0; h < H + K; ++h) {
         T* x = row + h * D;
-        for (int64_t d = 0; d < D; ++d) tmp[d] = f32(x[d]);
+        for (int64_t d = 0; d < D; ++d) tmp[d] = to_f(x[d]);
         for (int64_t d = 0; d < D; ++d) {
           const float rolled = tmp[d < half ? d + half : d - half];
-          x[d] = static_cast<T>(tmp[d] * f32(c[d]) + rolled * f32(s[d]));
+          x[d] = static_cast<T>(tmp[d] * to_f(c[d]) + rolled * to_f(s[d]));
         }
       }
       const int64_t slot = slots[t];
@@ -82,8 +82,8 @@ void silu_mul_kernel(const T* gu, T* out, int64_t rows, int64_t I) {
       const T* u = g + I;
       T* o = out + r * I;
       for (int64_t i = 0; i < I; ++i) {
-        const float gv = f32(g[i]);
-        o[i] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * f32(u[i]));
+        const float gv = to_f(g[i]);
+        o[i] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * to_f(u[i]));
       }
     }
   });
@@ -94,7 +94,7 @@ void dispatch(at::ScalarType dtype, const char* what, F&& f) {
   if (dtype == at::kFloat) {
     f(float{});
   } else if (dtype == at::kBFloat16) {
-    f(at::BFloat16{});
+    f(c10::BFloat16{});
   } else {
     TORCH_CHECK(false, what, ": float32 or bfloat16 expected");
   }
