@@ -146,7 +146,6 @@ class DiskTier(Tier):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._forget(key)
         self._sizes[key] = len(value)
         self._bytes += len(value)
         self._order.add(key, len(value), cost)
