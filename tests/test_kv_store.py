@@ -46,7 +46,7 @@ def test_save_then_load_in_order(tmp_path):
     s.close()
 
 
-def test_evicted_chunks_move_down_and_come_back_up(tmp_path):
+def test_writes_go_through_and_host_evictions_move_down(tmp_path):
     sizes = [len(encode(*chunk(i))) for i in range(6)]
     assert 2 * max(sizes) < 3 * min(sizes)
     s = store(tmp_path, host_bytes=2 * max(sizes))  # the host holds two chunks
@@ -54,12 +54,49 @@ def test_evicted_chunks_move_down_and_come_back_up(tmp_path):
     s.flush()
     st = s.stats()
     assert st["host"]["entries"] == 2 and st["host"]["evictions"] == 4
-    assert st["disk"]["entries"] == 4  # nothing lost: evicted chunks went to disk
+    assert st["disk"]["entries"] == 6  # written through
     got = s.load(keys(6))
-    assert [c.tier for c in got] == ["disk"] * 4 + ["host"] * 2
+    assert [c.tier for c in got] == ["disk"] * 6
     s.flush()
-    assert s.stats()["host"]["hits"] >= 2
-    assert s.tiers[0].exists([keys(6)[3]]) == [True]  # the disk hits were copied up into the host tier
+    assert s.tiers[0].exists(keys(6)[4:]) == [True, True]  # the disk hits were copied up into the host tier
+    # a chunk only the host holds is not lost when the host evicts it: it moves down to disk
+    host, disk = s.tiers
+    header, kv = chunk(7)
+    host.put([(header.key, encode(header, kv), 0.0)])
+    host.put([(h.key, encode(h, v), 0.0) for h, v in (chunk(8), chunk(9))])
+    s.flush()
+    assert host.exists([header.key]) == [False] and disk.exists([header.key]) == [True]
+    assert s.stats()["disk"]["tokens_saved"] == 6 * SHAPE[3]
+    s.close()
+
+
+def test_prefetch_copies_disk_hits_into_host(tmp_path):
+    s = KVStore([HostTier(10**6), DiskTier(tmp_path, 10**6)], FP, torch.float32)
+    s.tiers[1].put([(h.key, encode(h, kv), 0.0) for h, kv in (chunk(i) for i in range(4))])
+    assert s.tiers[0].exists(keys(4)) == [False] * 4
+    s.prefetch(keys(4)).result()
+    assert s.tiers[0].exists(keys(4)) == [True] * 4
+    # served from the host copy, reported as the disk hit it is
+    assert [c.tier for c in s.load(keys(4))] == ["disk"] * 4
+    assert s.stats()["host"]["hits"] == 4 and s.stats()["disk"]["tokens_saved"] == 4 * SHAPE[3]
+    assert [c.tier for c in s.load(keys(4))] == ["host"] * 4
+    s.close()
+
+
+def test_break_even_skips_a_tier_slower_than_recomputing(tmp_path):
+    from kvtrove.kv.breakeven import BreakEven
+
+    be = BreakEven(bytes_per_token=1000)
+    s = KVStore([DiskTier(tmp_path, 10**6)], FP, torch.float32, be)
+    s.save([(*chunk(i), 0.0) for i in range(3)])
+    s.flush()
+    assert len(s.load(keys(3))) == 3  # nothing measured yet: loading is assumed to win
+    be.bandwidth["disk"] = 10e6  # 10,000 tokens/s from disk
+    be.prefill_rate = 50_000.0  # recomputing is faster
+    be._probed["disk"] = float("inf")
+    assert s.load(keys(3)) == [] and s.skipped["disk"] == 1
+    be.prefill_rate = 500.0
+    assert len(s.load(keys(3))) == 3
     s.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ VERSION = 1
 _PREFIX = struct.Struct("<4sHI")
 _DIGEST = 16
 _MAX_HEADER = 1 << 20
+PAYLOAD_ALIGN = 64
+"""The payload starts at a multiple of this offset, so tensors viewed on it in place are aligned."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +65,7 @@ def encode(header: ChunkHeader, kv: torch.Tensor) -> bytes:
         },
         separators=(",", ":"),
     ).encode()
+    meta += b" " * (-(_PREFIX.size + len(meta)) % PAYLOAD_ALIGN)  # JSON allows trailing blanks
     payload = kv.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
     if sys.byteorder != "little":  # the format is little-endian; every platform torch ships on is
         raise RuntimeError("big-endian hosts are not supported")
@@ -69,8 +73,13 @@ def encode(header: ChunkHeader, kv: torch.Tensor) -> bytes:
     return body + xxhash.xxh3_128_digest(body)
 
 
-def decode(data: bytes, key: bytes, fingerprint: bytes, dtype: torch.dtype) -> tuple[ChunkHeader, torch.Tensor]:
-    """Header and KV of a stored chunk expected under `key` for this model and dtype; ChunkError if unusable."""
+def decode(
+    data: bytes, key: bytes, fingerprint: bytes, dtype: torch.dtype, checksum: bool = True
+) -> tuple[ChunkHeader, torch.Tensor]:
+    """Header and KV of a stored chunk expected under `key` for this model and dtype; ChunkError if unusable.
+
+    `checksum=False` skips the digest, for bytes that never left this process after being checked. The
+    tensor shares `data`'s memory (no copy) and must not be written to."""
     view = memoryview(data)
     if len(view) < _PREFIX.size + _DIGEST:
         raise ChunkError("truncated", f"{len(view)} bytes")
@@ -82,7 +91,7 @@ def decode(data: bytes, key: bytes, fingerprint: bytes, dtype: torch.dtype) -> t
     if hlen > _MAX_HEADER or _PREFIX.size + hlen + _DIGEST > len(view):
         raise ChunkError("truncated", f"header of {hlen} bytes in a {len(view)}-byte chunk")
     body = view[: len(view) - _DIGEST]
-    if xxhash.xxh3_128_digest(body) != bytes(view[len(view) - _DIGEST :]):
+    if checksum and xxhash.xxh3_128_digest(body) != bytes(view[len(view) - _DIGEST :]):
         raise ChunkError("checksum", "the digest does not match the bytes")
     try:
         meta = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
@@ -109,5 +118,7 @@ def decode(data: bytes, key: bytes, fingerprint: bytes, dtype: torch.dtype) -> t
         expected *= d
     if len(payload) != expected:
         raise ChunkError("truncated", f"payload of {len(payload)} bytes, shape {shape} needs {expected}")
-    kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).view(shape)
+    with warnings.catch_warnings():  # torch warns that `data` is read-only; the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        kv = torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
     return header, kv

@@ -3,27 +3,36 @@
 Tiers are ordered fastest first (host DRAM, then disk, later remote pools). A lookup takes the
 longest consecutive run of keys across the tiers (a chunk may sit in any of them); each chunk is
 decoded and verified (`kv.format`) before use, and a bad one is deleted from its tier, counted, and
-ends the run, so the rest is recomputed. Hits from a slower tier are copied into the faster ones.
-New chunks are written by one background thread: the caller never waits for a write. A chunk that
-a tier evicts moves to the next tier instead of being lost.
+ends the run, so the rest is recomputed. A tier whose reads are slower than recomputing
+(`kv.breakeven`) is not read. Hits from a slower tier are copied into the faster ones; `prefetch`
+does that ahead of time for a queued request. New chunks are written through to every tier by one
+background thread (the caller never waits for a write); a chunk that the host tier evicts moves to
+the next tier instead of being lost.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
-from collections import Counter
-from collections.abc import Sequence
+import time
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from kvtrove.kv.breakeven import BreakEven
 from kvtrove.kv.format import ChunkError, ChunkHeader, decode, encode
 from kvtrove.kv.tiers.base import Tier
 from kvtrove.kv.tiers.host import HostTier
 
 log = logging.getLogger(__name__)
+Sink = Callable[[int, "LoadedChunk"], None]
+MAX_ORIGINS = 1 << 16
 
 
 @dataclass
@@ -35,22 +44,49 @@ class LoadedChunk:
 
 
 class KVStore:
-    def __init__(self, tiers: Sequence[Tier], fingerprint: bytes, dtype: torch.dtype):
+    def __init__(
+        self, tiers: Sequence[Tier], fingerprint: bytes, dtype: torch.dtype, break_even: BreakEven | None = None
+    ):
         self.tiers = list(tiers)
         self.fingerprint, self.dtype = fingerprint, dtype
+        self.break_even = break_even
         self.rejected: Counter[str] = Counter()
         """Bad chunks found on load, by reason (checksum, truncated, foreign, key, ...)."""
+        self.tokens_loaded: Counter[str] = Counter()
+        """Tokens served (loaded instead of recomputed), per tier."""
+        self.skipped: Counter[str] = Counter()
+        """Runs of chunks not read because recomputing was judged faster, per tier."""
+        self._origin: OrderedDict[bytes, str] = OrderedDict()
+        """Chunks that prefetch copied up -> the tier they came from."""
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
         for upper, lower in zip(self.tiers, self.tiers[1:]):
             if isinstance(upper, HostTier):
-                upper.on_evict = self._demoter(lower)
-        self._jobs: queue.Queue = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="kvtrove-kv-writer", daemon=True)
+                upper.on_evict = functools.partial(_demote, self._jobs, lower)
+        self._writer = threading.Thread(target=_write_loop, args=(self._jobs,), name="kvtrove-kv-writer", daemon=True)
         self._writer.start()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvtrove-kv-prefetch")
+        self._closer = weakref.finalize(self, _shut_down, self._jobs, self._writer, self._reader)
 
-    # ---- reads (the caller's thread) --------------------------------------------------------------
+    # ---- reads -------------------------------------------------------------------------------------
 
-    def load(self, keys: Sequence[bytes]) -> list[LoadedChunk]:
-        """The chunks of the longest run of `keys`, from the first, that the tiers hold and that verify."""
+    def load(self, keys: Sequence[bytes], sink: Sink | None = None) -> list[LoadedChunk]:
+        """The chunks of the longest run of `keys`, from the first, that the tiers hold and that verify.
+
+        `sink(i, chunk)` receives each chunk as soon as it is verified (copying it while its bytes are
+        still in the CPU cache). Hits from slower tiers are copied into the faster ones in the
+        background. A chunk that `prefetch` brought up is reported (and counted) as coming from the
+        tier it was read from.
+        """
+        out = self._load(keys, prefetching=False, sink=sink)
+        with self._lock:
+            for c in out:
+                c.tier = self._origin.pop(c.header.key, c.tier)
+                self.tokens_loaded[c.tier] += c.header.shape[3]
+        return out
+
+    def _load(self, keys: Sequence[bytes], prefetching: bool, sink: Sink | None = None) -> list[LoadedChunk | None]:
+        """`load`; when `prefetching`, chunks already in the fastest tier are skipped (None) instead of read."""
         out: list[LoadedChunk] = []
         while len(out) < len(keys):
             rest = keys[len(out) :]
@@ -60,14 +96,35 @@ class KVStore:
                     break
             else:
                 return out
-            got = self._verified(tier, rest[:n])
+            if prefetching and tier is self.tiers[0]:  # already in the fastest tier: nothing to copy up
+                out.extend([None] * n)
+                continue
+            if self.break_even is not None and not self.break_even.worth_loading(tier.name):
+                self.skipped[tier.name] += 1
+                return out
+            got = self._verified(tier, rest[:n], sink, len(out))
             out.extend(chunk for chunk, _ in got)
             faster = self.tiers[: self.tiers.index(tier)]
-            if got and faster:  # keep the hit in the faster tiers too
-                self._jobs.put(("promote", faster, [(c.header.key, data, 0.0) for c, data in got]))
+            if got and faster:
+                items = [(c.header.key, data, 0.0) for c, data in got]
+                if prefetching:
+                    with self._lock:
+                        for c, _ in got:
+                            self._origin[c.header.key] = tier.name
+                            if len(self._origin) > MAX_ORIGINS:
+                                self._origin.popitem(last=False)
+                    _put_all(faster, items)
+                else:
+                    self._jobs.put(functools.partial(_put_all, faster, items))
             if len(got) < n:  # a bad or vanished chunk ends the run
                 return out
         return out
+
+    def prefetch(self, keys: Sequence[bytes]) -> Future | None:
+        """Start copying the stored run of `keys` into the fastest tier; None if there is nothing to do."""
+        if len(self.tiers) < 2 or not keys:
+            return None
+        return self._reader.submit(self._load, list(keys), True)
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         found = [False] * len(keys)
@@ -76,73 +133,107 @@ class KVStore:
                 found[i] = found[i] or present
         return found
 
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first, some tier holds (without reading them)."""
+        n = 0
+        while n < len(keys):
+            step = max(tier.prefix_hits(keys[n:]) for tier in self.tiers) if self.tiers else 0
+            if not step:
+                break
+            n += step
+        return n
+
     # ---- writes (queued; one background thread) ----------------------------------------------------
 
     def save(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
-        """Queue (header, kv, recompute cost) chunks for storing; returns at once. `kv` must not change
-        afterwards (pass a copy of device blocks)."""
+        """Queue (header, kv, recompute cost) chunks for storing in every tier; returns at once. `kv` must
+        not change afterwards (pass a copy of device blocks)."""
         if chunks and self.tiers:
-            self._jobs.put(("save", list(chunks)))
+            self._jobs.put(functools.partial(_save, self.tiers, list(chunks)))
 
     def flush(self) -> None:
         """Wait until every queued write is done."""
         self._jobs.join()
 
     def close(self) -> None:
-        self.flush()
-        self._jobs.put(None)
-        self._writer.join(timeout=10)
+        """Finish queued writes and stop the background threads."""
+        self._closer()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {tier.name: tier.stats().as_dict() for tier in self.tiers}
+        out = {}
+        for tier in self.tiers:
+            st = tier.stats().as_dict()
+            st["tokens_saved"] = self.tokens_loaded[tier.name]
+            out[tier.name] = st
+        return out
 
     # ---- internals ---------------------------------------------------------------------------------
 
-    def _verified(self, tier: Tier, keys: Sequence[bytes]) -> list[tuple[LoadedChunk, bytes]]:
+    def _verified(
+        self, tier: Tier, keys: Sequence[bytes], sink: Sink | None, start: int
+    ) -> list[tuple[LoadedChunk, bytes]]:
         out = []
+        t0 = time.perf_counter()
+        nbytes = 0
         for key, data in zip(keys, tier.get(keys)):
             if data is None:  # deleted since `exists` (another engine evicted it)
                 break
             try:
-                header, kv = decode(data, key, self.fingerprint, self.dtype)
+                header, kv = decode(data, key, self.fingerprint, self.dtype, checksum=not tier.trusted)
             except ChunkError as e:
                 log.warning("dropping a bad KV chunk %s from the %s tier: %s", key.hex(), tier.name, e)
                 tier.delete([key], rejected=True)
                 self.rejected[e.reason] += 1
                 break
-            out.append((LoadedChunk(header, kv, tier.name), data))
+            nbytes += len(data)
+            chunk = LoadedChunk(header, kv, tier.name)
+            if sink is not None:
+                sink(start + len(out), chunk)
+            out.append((chunk, data))
+        if self.break_even is not None:
+            self.break_even.observe_read(tier.name, nbytes, time.perf_counter() - t0)
         return out
 
-    def _demoter(self, lower: Tier):
-        def demote(key: bytes, value: bytes, cost: float) -> None:
-            self._jobs.put(("put", lower, [(key, value, cost)]))
 
-        return demote
+# The background writer holds the queue and the tiers, never the store, so a dropped store is collected.
 
-    def _write_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                self._run(job)
-            except Exception:  # a write must never take the engine down
-                log.exception("KV store write failed")
-            finally:
-                self._jobs.task_done()
 
-    def _run(self, job) -> None:
-        kind = job[0]
-        if kind == "put":
-            _, tier, items = job
+def _write_loop(jobs: queue.Queue) -> None:
+    while True:
+        job: Callable[[], None] | None = jobs.get()
+        try:
+            if job is None:
+                return
+            job()
+        except Exception:  # a write must never take the engine down
+            log.exception("KV store write failed")
+        finally:
+            jobs.task_done()
+
+
+def _shut_down(jobs: queue.Queue, writer: threading.Thread, reader: ThreadPoolExecutor) -> None:
+    reader.shutdown(wait=True, cancel_futures=True)
+    jobs.put(None)
+    writer.join(timeout=60)
+
+
+def _demote(jobs: queue.Queue, lower: Tier, key: bytes, value: bytes, cost: float) -> None:
+    jobs.put(functools.partial(lower.put, [(key, value, cost)]))
+
+
+def _put_all(tiers: Sequence[Tier], items: list[tuple[bytes, bytes, float]]) -> None:
+    for tier in tiers:
+        tier.put(items)
+
+
+def _save(tiers: Sequence[Tier], chunks: list[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
+    encoded = {}
+    for tier in tiers:
+        todo = [c for c, present in zip(chunks, tier.exists([h.key for h, _, _ in chunks])) if not present]
+        items = []
+        for h, kv, cost in todo:
+            if h.key not in encoded:
+                encoded[h.key] = encode(h, kv)
+            items.append((h.key, encoded[h.key], cost))
+        if items:
             tier.put(items)
-        elif kind == "save":
-            chunks = job[1]
-            present = self.contains([h.key for h, _, _ in chunks])
-            items = [(h.key, encode(h, kv), cost) for (h, kv, cost), p in zip(chunks, present) if not p]
-            if items:
-                self.tiers[0].put(items)
-        elif kind == "promote":
-            _, tiers, items = job
-            for tier in tiers:
-                tier.put(items)

@@ -31,6 +31,10 @@ class TierStats:
 
 class Tier(ABC):
     name: str
+    trusted = False
+    """True for a tier whose bytes never leave this process and only ever come from the store's own
+    encoder or from chunks it verified: the store skips the checksum on its reads (never for disk or
+    pools, which other processes can write)."""
 
     @abstractmethod
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:

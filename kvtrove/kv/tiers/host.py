@@ -15,6 +15,7 @@ class HostTier(Tier):
     """`on_evict(key, value, cost)` receives each evicted chunk (the store moves it down a tier)."""
 
     name = "host"
+    trusted = True  # process memory, filled only by the store with chunks it encoded or verified
 
     def __init__(self, capacity_bytes: int, eviction: str = "lru", on_evict: OnEvict | None = None):
         if capacity_bytes < 0:
