@@ -1,4 +1,4 @@
-"""Command line: `kvtrove demo | generate`. Every engine option is a flag named like its LLM keyword."""
+"""Command line: `kvtrove demo | generate | cache`. Every engine option is a flag named like its LLM keyword."""
 
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out = llm.chat(messages, params)[0]
         print(f"\n[turn {turn}] user: {messages[-1]['content']}\nassistant: {out.text.strip()}")
         print(
-            f"  prompt tokens {out.prompt_tokens}, cached tokens {out.cached_tokens}, "
+            f"  prompt tokens {out.prompt_tokens}, cached tokens {_cached(out)}, "
             f"TTFT {out.ttft_s * 1000:.1f} ms, {len(out.token_ids)} tokens out"
         )
         if follow_up is None:
             break
         messages += [{"role": "assistant", "content": out.text}, {"role": "user", "content": follow_up}]
+    llm.close()
     return 0
 
 
@@ -58,13 +59,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(out.outputs[0].delta_text)
         sys.stdout.flush()
     print()
+    llm.close()
     if out is not None:
         print(
-            f"[{out.prompt_tokens} prompt tokens, {out.cached_tokens} cached, TTFT {out.ttft_s * 1000:.1f} ms, "
+            f"[{out.prompt_tokens} prompt tokens, {_cached(out)} cached, TTFT {out.ttft_s * 1000:.1f} ms, "
             f"finish: {out.finish_reason}]",
             file=sys.stderr,
         )
     return 0
+
+
+def _cached(out) -> str:
+    tiers = ", ".join(f"{t} {n}" for t, n in out.cached_tokens_by_tier.items() if n)
+    return f"{out.cached_tokens} ({tiers})" if tiers else "0"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`cache stats`: what the disk tier holds now and the store's lifetime counters; `cache clear`: empty it."""
+    from kvtrove.config import CacheConfig
+    from kvtrove.kv import ledger
+    from kvtrove.kv.tiers.disk import DiskTier
+
+    directory = CacheConfig(kv_disk_dir=args.kv_disk_dir).kv_disk_dir
+    disk = DiskTier(directory, capacity_bytes=2**62)
+    if args.action == "clear":
+        before = disk.stats()
+        disk.clear()
+        ledger.clear(directory)
+        print(f"removed {before.entries} KV chunks ({_size(before.bytes)}) from {directory}")
+        return 0
+    now = disk.stats()
+    totals = ledger.read(directory)
+    print(f"KV store at {directory}: {now.entries} chunks, {_size(now.bytes)} on disk")
+    if not totals:
+        print("no engine has recorded counters here yet")
+        return 0
+    cols = ("hits", "misses", "evictions", "rejected", "bytes_read", "bytes_written", "tokens_saved")
+    print(f"{'tier':<8}" + "".join(f"{c:>15}" for c in cols))
+    for tier, counts in sorted(
+        totals.items(), key=lambda kv: ("host", "disk").index(kv[0]) if kv[0] in ("host", "disk") else 9
+    ):
+        cells = [_size(counts.get(c, 0)) if c.startswith("bytes") else str(counts.get(c, 0)) for c in cols]
+        print(f"{tier:<8}" + "".join(f"{v:>15}" for v in cells))
+    print("(counters: totals over every engine that closed with this directory)")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
+    cache = sub.add_parser("cache", help="show or clear the KV store's disk tier")
+    cache.add_argument("action", choices=("stats", "clear"))
+    cache.add_argument("--kv-disk-dir", default=None, help="the disk tier's directory (default: <cache dir>/kv)")
+    cache.set_defaults(func=cmd_cache)
     return p
 
 

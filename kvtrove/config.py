@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtrove.kv.eviction import POLICIES
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -73,9 +75,34 @@ class CacheConfig:
     block_size: int = opt(16, "Tokens per KV block; also the unit of prefix caching.")
     num_blocks: int | None = opt(None, "KV blocks in the device pool; None -> derived from kv_cache_gb.")
     kv_cache_gb: float = opt(1.0, "Memory budget of the device KV pool when num_blocks is not given.")
-    enable_prefix_caching: bool = opt(True, "Reuse KV blocks of earlier requests that share a prefix.")
+    enable_prefix_caching: bool = opt(
+        True, "Reuse the KV of earlier requests that share a prefix (device blocks and the KV store)."
+    )
+    kv_host_gb: float = opt(4.0, "Host DRAM for stored KV chunks (the store's first tier); 0 turns it off.")
+    kv_disk_dir: str | None = opt(None, "Directory of the disk tier (shareable by engines); None -> <cache dir>/kv.")
+    kv_disk_gb: float = opt(20.0, "Disk space for stored KV chunks; 0 turns the disk tier off.")
+    eviction: str = opt("lru", "Store eviction policy: lru or cost, or per tier, e.g. host=cost,disk=lru.")
+
+    def eviction_for(self, tier: str) -> str:
+        """The eviction policy of one tier."""
+        if "=" not in self.eviction:
+            return self.eviction
+        return dict(part.split("=", 1) for part in self.eviction.split(",")).get(tier, "lru")
 
     def __post_init__(self) -> None:
+        for name in ("kv_host_gb", "kv_disk_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_disk_dir is None:
+            self.kv_disk_dir = str(cache_dir() / "kv")
+        parts = self.eviction.split(",") if "=" in self.eviction else [f"host={self.eviction}"]
+        for part in parts:
+            tier, _, policy = part.partition("=")
+            if tier.strip() not in ("host", "disk") or policy.strip() not in POLICIES:
+                raise ValueError(
+                    f"eviction must be one of {POLICIES} or per tier like 'host=cost,disk=lru', got {self.eviction!r}"
+                )
+        self.eviction = self.eviction.replace(" ", "")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -22,6 +22,20 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Per KV tier (device, host, disk): entries, bytes, hits, misses, evictions, bytes moved, tokens saved."""
+        return self.engine.cache_stats()
+
+    def close(self) -> None:
+        """Finish pending KV store writes (interpreter exit does this too)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -28,6 +28,8 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int
     """Prompt tokens whose KV was reused instead of computed."""
+    cached_tokens_by_tier: dict[str, int]
+    """The same, per tier it came from: device, host, disk, ..."""
     ttft_s: float | None
     """Seconds from arrival to the first generated token."""
 

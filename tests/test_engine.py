@@ -45,9 +45,11 @@ def test_cached_prefix_with_different_suffix(smollm):
     a = smollm.generate(base + "Question one: what is tea?", GREEDY)[0]
     b = smollm.generate(base + "Question two: what is a kettle?", GREEDY)[0]
     assert b.cached_tokens >= 48
-    smollm.engine.pool.reset_cache()
-    b_cold = smollm.generate(base + "Question two: what is a kettle?", GREEDY)[0]
-    assert b_cold.cached_tokens == 0 and b_cold.token_ids == b.token_ids
+    smollm.engine.pool.reset_cache()  # the device forgets; the store (host tier) still has b's blocks
+    b_again = smollm.generate(base + "Question two: what is a kettle?", GREEDY)[0]
+    assert b_again.token_ids == b.token_ids
+    assert b_again.cached_tokens_by_tier["device"] == 0
+    assert b_again.cached_tokens_by_tier["host"] == (b.prompt_tokens - 1) // 16 * 16 >= b.cached_tokens
     assert a.prompt_tokens > 0
 
 

@@ -99,12 +99,13 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free.append(b)
 
-    def register(self, block: Block, key: bytes, token_ids: tuple[int, ...]) -> None:
+    def register(self, block: Block, key: bytes, token_ids: tuple[int, ...]) -> bool:
         """Make a full block findable by its key (first writer wins; a duplicate stays private)."""
         if not self.enable_caching or block.key is not None or key in self.cached:
-            return
+            return False
         block.key, block.token_ids = key, token_ids
         self.cached[key] = block
+        return True
 
     def reset_cache(self) -> None:
         for b in self.cached.values():

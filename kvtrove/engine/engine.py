@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import torch
 
-from kvtrove.config import EngineConfig
+from kvtrove.config import CacheConfig, EngineConfig
 from kvtrove.engine.block_pool import BlockPool
 from kvtrove.engine.detokenizer import Detokenizer
-from kvtrove.engine.kv_cache_manager import KVCacheManager
+from kvtrove.engine.kv_cache_manager import KVCacheManager, RecomputeCost
 from kvtrove.engine.request import Request
 from kvtrove.engine.runner import ModelRunner
 from kvtrove.engine.scheduler import Scheduler
+from kvtrove.kv import ledger
+from kvtrove.kv.breakeven import BreakEven
+from kvtrove.kv.store import KVStore
+from kvtrove.kv.tiers.base import Tier
+from kvtrove.kv.tiers.disk import DiskTier
+from kvtrove.kv.tiers.host import HostTier
 from kvtrove.layers.kernels import cpu_kernels
 from kvtrove.loader import load_checkpoint
 from kvtrove.models.registry import build_model
@@ -23,6 +30,35 @@ from kvtrove.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MIN_PREFILL_SAMPLE = 64
+"""Steps with fewer prefill tokens say little about prefill speed."""
+
+
+def build_store(cc: CacheConfig, fingerprint: bytes, dtype: torch.dtype, break_even: BreakEven) -> KVStore | None:
+    """The store's tiers from the config, fastest first; None when prefix caching is off or no tier is on."""
+    tiers: list[Tier] = []
+    if cc.kv_host_gb > 0:
+        tiers.append(HostTier(int(cc.kv_host_gb * 2**30), cc.eviction_for("host")))
+    if cc.kv_disk_gb > 0:
+        tiers.append(DiskTier(cc.kv_disk_dir, int(cc.kv_disk_gb * 2**30), cc.eviction_for("disk")))
+    if not cc.enable_prefix_caching or not tiers:
+        return None
+    return KVStore(tiers, fingerprint, dtype, break_even)
+
+
+def recompute_cost(model: torch.nn.Module) -> RecomputeCost:
+    """Prefill FLOPs per token: 2 per weight of the decoder layers' linear layers, and 4 per head dim per
+    head per layer for each earlier token attended to (QK^T and PV)."""
+    linear = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() == 2
+        and not isinstance(m, torch.nn.Embedding)
+        and "lm_head" not in name
+    )
+    attn = model.attention_layers
+    return RecomputeCost(2.0 * linear, 4.0 * len(attn) * attn[0].num_heads * attn[0].head_dim)
 
 
 class Engine:
@@ -50,7 +86,13 @@ class Engine:
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_gb * 2**30) // per_block)
         self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size)
         self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, cc.block_size, self.fingerprint))
+        self.break_even = BreakEven(per_block // cc.block_size)
+        self.store = build_store(cc, self.fingerprint, dtype, self.break_even)
+        kv = KVCacheManager(
+            self.pool, cc.block_size, self.fingerprint, self.store, self.runner, recompute_cost(self.model)
+        )
+        self.scheduler = Scheduler(config.scheduler, kv)
+        self._closed = False
         self.groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
         log.info(
@@ -117,6 +159,7 @@ class Engine:
             seed = None if params.seed is None else params.seed + i
             group.append(Request(request_id, i, ids, params, max_tokens, detok, seed))
         self.groups[request_id] = group
+        self.scheduler.kv.prefetch(group[0])
         for r in group:
             self.scheduler.add(r)
         return request_id
@@ -129,6 +172,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Per tier (device first): entries, bytes, hits, misses, evictions, bytes moved, tokens saved."""
+        out = {"device": {"entries": len(self.pool.cached), "blocks": self.pool.num_blocks}}
+        if self.store is not None:
+            out.update(self.store.stats())
+        return out
+
+    def close(self) -> None:
+        """Finish the store's pending writes, stop its threads, and add this engine's store counters to
+        the disk tier's lifetime totals (`kvtrove cache stats`). Pending writes are also finished at
+        interpreter exit."""
+        if self.store is None or self._closed:
+            return
+        self._closed = True
+        self.store.close()
+        if any(isinstance(t, DiskTier) for t in self.store.tiers):
+            ledger.add(self.config.cache.kv_disk_dir, self.store.stats())
+
     # ---- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -136,7 +197,11 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        t0 = time.perf_counter()
         sampled, result = self.runner.execute(batch)
+        prefill = sum(n for n in batch.num_new_tokens if n > 1)
+        if prefill >= MIN_PREFILL_SAMPLE:  # teaches the store how fast recomputing is
+            self.break_even.observe_prefill(sum(batch.num_new_tokens), time.perf_counter() - t0)
         for r, n in zip(batch.requests, batch.num_new_tokens):
             r.num_computed_tokens += n
             self.scheduler.kv.register_full_blocks(r)
@@ -189,6 +254,7 @@ class Engine:
             outputs=outs,
             finished=finished,
             prompt_tokens=len(first.prompt_token_ids),
-            cached_tokens=first.num_cached_tokens or 0,
+            cached_tokens=sum(first.cached_by_tier.values()) if first.cached_by_tier else 0,
+            cached_tokens_by_tier=dict(first.cached_by_tier or {}),
             ttft_s=min(firsts) - first.arrival_time if firsts else None,
         )

@@ -1,17 +1,60 @@
-"""The scheduler's narrow view of the block pool: find cached prefixes, grow block tables, free them."""
+"""The scheduler's view of KV: find a request's reusable prefix (device blocks, then the store), grow
+its block table, free it, and write newly computed full blocks to the store."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
 from kvtrove.engine.block_pool import Block, BlockPool
 from kvtrove.engine.request import Request
+from kvtrove.kv.format import ChunkHeader
 from kvtrove.kv.keys import block_key
+from kvtrove.kv.store import KVStore, LoadedChunk
+
+
+class DeviceBlocks(Protocol):
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy of blocks' KV: [layers, 2, KV heads, len(block_ids), block size, head dim]."""
+
+    def write_block(self, block_id: int, kv: torch.Tensor) -> None:
+        """Copy [layers, 2, KV heads, block size, head dim] into a block."""
+
+
+@dataclass
+class RecomputeCost:
+    """FLOPs to recompute tokens: `per_token` for the layers' matmuls plus `per_context_token` for each
+    earlier token attended to (so a block deep in a prompt costs more than one near its start)."""
+
+    per_token: float
+    per_context_token: float
+
+    def of_block(self, start: int, size: int) -> float:
+        return size * (self.per_token + self.per_context_token * (start + size / 2))
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, fingerprint: bytes):
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        fingerprint: bytes,
+        store: KVStore | None = None,
+        device: DeviceBlocks | None = None,
+        cost: RecomputeCost | None = None,
+    ):
+        """`device` moves KV between the store and the device cache (needed with a store)."""
         self.pool = pool
         self.block_size = block_size
         self.fingerprint = fingerprint
+        self.store = store if pool.enable_caching else None
+        self.read_blocks = device.read_blocks if device is not None else None
+        self.write_block = device.write_block if device is not None else None
+        self.cost = cost or RecomputeCost(1.0, 0.0)
+        self.tier_names = [t.name for t in self.store.tiers] if self.store is not None else []
 
     def _extend_keys(self, req: Request, num_tokens: int) -> None:
         bs = self.block_size
@@ -19,28 +62,77 @@ class KVCacheManager:
             parent = req.block_keys[-1] if req.block_keys else self.fingerprint
             req.block_keys.append(block_key(parent, req.all_token_ids[i * bs : (i + 1) * bs]))
 
+    def _block_tokens(self, req: Request, i: int) -> tuple[int, ...]:
+        return tuple(req.all_token_ids[i * self.block_size : (i + 1) * self.block_size])
+
+    def _reusable_keys(self, req: Request) -> list[bytes]:
+        """Keys of the blocks that may be reused: all full blocks but the one holding the last token."""
+        self._extend_keys(req, req.num_tokens)
+        return req.block_keys[: (req.num_tokens - 1) // self.block_size]
+
+    # ---- lookup ---------------------------------------------------------------------------------------
+
     def cached_prefix(self, req: Request) -> list[Block]:
-        """Cached blocks of the longest prefix, leaving at least the last token to compute."""
+        """Device blocks of the longest cached prefix, leaving at least the last token to compute."""
         if not self.pool.enable_caching:
             return []
-        bs = self.block_size
-        self._extend_keys(req, req.num_tokens)
         hits = []
-        for i in range((req.num_tokens - 1) // bs):
-            b = self.pool.lookup(req.block_keys[i], tuple(req.all_token_ids[i * bs : (i + 1) * bs]))
+        for i, key in enumerate(self._reusable_keys(req)):
+            b = self.pool.lookup(key, self._block_tokens(req, i))
             if b is None:
                 break
             hits.append(b)
         return hits
 
-    def blocks_needed(self, req: Request, num_new_tokens: int, cached: list[Block] = ()) -> int:
+    def load_stored(self, req: Request, cached: list[Block], max_new_tokens: int) -> tuple[list[Block], list[str]]:
+        """Load the store's chunks that continue the device prefix `cached` into fresh blocks, register
+        them like computed blocks and return them (free and cached, ready for `allocate`) with the tier
+        each came from. Nothing is loaded if the pool could not also hold the request's next
+        `max_new_tokens`."""
+        if self.store is None:
+            return [], []
+        keys = self._reusable_keys(req)[len(cached) :]
+        n = self.store.prefix_hits(keys) if keys else 0
+        if not n:
+            return [], []
+        rest = req.num_tokens - req.num_computed_tokens - (len(cached) + n) * self.block_size
+        if self.blocks_needed(req, min(rest, max_new_tokens), cached, n) > self.pool.num_free_blocks:
+            return [], []
+        self.pool.touch(cached)  # keep the device prefix out of the allocation below
+        blocks = self.pool.allocate(n)
+        self.pool.release(reversed(cached))
+
+        def copy_in(i: int, chunk: LoadedChunk) -> None:
+            self.write_block(blocks[i].block_id, chunk.kv)
+
+        chunks = self.store.load(keys[:n], sink=copy_in)
+        first = len(cached)
+        good = 0
+        for j, c in enumerate(chunks):  # the token ids guard against hash collisions
+            if c.header.token_ids != self._block_tokens(req, first + j):
+                break
+            self.pool.register(blocks[j], keys[j], c.header.token_ids)
+            good += 1
+        self.pool.release(reversed(blocks))
+        return blocks[:good], [c.tier for c in chunks[:good]]
+
+    def prefetch(self, req: Request) -> None:
+        """Start moving the stored part of a queued request's prefix into the fastest tier."""
+        if self.store is not None:
+            req.prefetch = self.store.prefetch(self._reusable_keys(req)[len(self.cached_prefix(req)) :])
+
+    # ---- blocks ---------------------------------------------------------------------------------------
+
+    def blocks_needed(self, req: Request, num_new_tokens: int, cached: list[Block] = (), num_loaded: int = 0) -> int:
         have = len(req.blocks) + len(cached)
-        need = -(-(req.num_computed_tokens + len(cached) * self.block_size + num_new_tokens) // self.block_size)
+        reused = (len(cached) + num_loaded) * self.block_size
+        need = -(-(req.num_computed_tokens + reused + num_new_tokens) // self.block_size)
         # reusing a free cached block also takes it off the free queue
         return max(0, need - have) + sum(1 for b in cached if b.ref_cnt == 0)
 
     def allocate(self, req: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
-        """Give `req` blocks for `num_new_tokens` more tokens (after `cached`); False if the pool is short."""
+        """Give `req` blocks for `num_new_tokens` more tokens after the cached blocks `cached`; False (and
+        no change) if the pool is short."""
         if self.blocks_needed(req, num_new_tokens, cached) > self.pool.num_free_blocks:
             return False
         if cached:
@@ -53,17 +145,39 @@ class KVCacheManager:
         return True
 
     def register_full_blocks(self, req: Request) -> None:
-        """Make every block filled by computed tokens findable for later requests."""
+        """Make every block filled by computed tokens findable for later requests, and store the ones this
+        request computed itself."""
         if not self.pool.enable_caching:
             return
-        bs = self.block_size
-        full = req.num_computed_tokens // bs
-        self._extend_keys(req, full * bs)
+        full = req.num_computed_tokens // self.block_size
+        self._extend_keys(req, full * self.block_size)
+        new = []
         for i in range(full):
             b = req.blocks[i]
-            if b.key is None:
-                self.pool.register(b, req.block_keys[i], tuple(req.all_token_ids[i * bs : (i + 1) * bs]))
+            if b.key is None and self.pool.register(b, req.block_keys[i], self._block_tokens(req, i)):
+                new.append(i)
+        if self.store is not None and self.read_blocks is not None:
+            self._save(req, [i for i in new if i >= req.num_reused_blocks])
 
     def free(self, req: Request) -> None:
         self.pool.release(reversed(req.blocks))
         req.blocks = []
+
+    def _save(self, req: Request, indices: list[int]) -> None:
+        if not indices:
+            return
+        kv = self.read_blocks([req.blocks[i].block_id for i in indices])
+        dtype = str(kv.dtype).removeprefix("torch.")
+        chunks = []
+        for j, i in enumerate(indices):
+            part = kv[:, :, :, j]
+            header = ChunkHeader(
+                key=req.block_keys[i],
+                parent=req.block_keys[i - 1] if i else self.fingerprint,
+                fingerprint=self.fingerprint,
+                dtype=dtype,
+                shape=tuple(part.shape),
+                token_ids=self._block_tokens(req, i),
+            )
+            chunks.append((header, part, self.cost.of_block(i * self.block_size, self.block_size)))
+        self.store.save(chunks)

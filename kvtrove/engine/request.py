@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 
 import torch
 
@@ -45,8 +46,12 @@ class Request:
         self.blocks: list[Block] = []
         self.block_keys: list[bytes] = []
         """Keys of the full blocks of all_token_ids, filled lazily."""
-        self.num_cached_tokens: int | None = None
-        """Prompt tokens reused from the prefix cache when first scheduled."""
+        self.cached_by_tier: dict[str, int] | None = None
+        """Prompt tokens reused instead of computed when first scheduled, per tier (device, host, disk, ...)."""
+        self.num_reused_blocks = 0
+        """Leading blocks found cached (device or store) at the last admission; the rest were computed here."""
+        self.prefetch: Future | None = None
+        """The store's copy of this request's stored prefix into its fastest tier, while queued."""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None

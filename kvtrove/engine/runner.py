@@ -27,6 +27,16 @@ class ModelRunner:
         self.kv_cache = torch.zeros(len(layers), 2, a.num_kv_heads, num_blocks * block_size, a.head_dim, dtype=dtype)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
+        # the same memory by block: [layers, k/v, KV heads, blocks, block size, head dim]
+        self.kv_blocks = self.kv_cache.view(len(layers), 2, a.num_kv_heads, num_blocks, block_size, a.head_dim)
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of the KV of `block_ids`: [layers, 2, KV heads, len(block_ids), block size, head dim]."""
+        return self.kv_blocks.index_select(3, torch.tensor(block_ids))
+
+    def write_block(self, block_id: int, kv: torch.Tensor) -> None:
+        """Copy [layers, 2, KV heads, block size, head dim] into a block."""
+        self.kv_blocks[:, :, :, block_id].copy_(kv)
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:

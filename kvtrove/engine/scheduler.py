@@ -2,11 +2,14 @@
 
 FCFS; when the pool runs out of blocks the most recently admitted request is preempted and
 recomputed later (its blocks stay in the prefix cache, so recomputation is mostly a cache hit).
+At admission a request reuses its longest cached prefix: device blocks first, then chunks that the
+KV store loads into fresh device blocks; only the rest is prefilled.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 from kvtrove.config import SchedulerConfig
@@ -59,15 +62,27 @@ class Scheduler:
         if out.preempted:
             return out
         # then admit waiting requests in arrival order
+        bs = self.kv.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.prefetch is not None:
+                if not req.prefetch.done() and out.requests:
+                    break  # the store is still reading ahead for it; step the others meanwhile
+                wait([req.prefetch])
+                req.prefetch = None
             cached = self.kv.cached_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
-            if not self.kv.allocate(req, n, cached):
-                break
+            loaded, tiers = self.kv.load_stored(req, cached, budget)
+            reused = cached + loaded
+            n = min(req.num_tokens - req.num_computed_tokens - len(reused) * bs, budget)
+            if not self.kv.allocate(req, n, reused):
+                break  # loaded blocks stay in the device cache for the next try
             self.waiting.popleft()
-            if req.num_cached_tokens is None:
-                req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_token_ids))
+            req.num_reused_blocks = len(reused)
+            if req.cached_by_tier is None:
+                req.cached_by_tier = dict.fromkeys(("device", *self.kv.tier_names), 0)
+                req.cached_by_tier["device"] = len(cached) * bs
+                for tier in tiers:
+                    req.cached_by_tier[tier] += bs
             req.status = Status.RUNNING
             self.running.append(req)
             out.requests.append(req)

@@ -1,0 +1,311 @@
+"""KV store benchmark, all measured in this run on this machine. Run: `python -m bench.kv_store`.
+
+1. TTFT of 1k / 4k / 8k-token prompts: cold, device hit, host hit, disk hit (page cache dropped with
+   posix_fadvise(DONTNEED) after fsync). Each hit is also compared with its bound: stored bytes / the
+   tier's raw bandwidth + the time to compute the uncached last tokens (= the device-hit TTFT).
+2. Load bandwidth of each tier (chunks read, verified and copied into device blocks) vs the raw
+   bandwidth of its medium in the same run: a numpy copy for DRAM, a plain file read for disk.
+3. Multi-turn chat: 16 conversations x 6 turns, each opening with its own document and each turn
+   resending the whole history; users arrive staggered and send their next turn as soon as the
+   answer is in; more KV than the device pool holds. Store on vs off (device prefix caching on in
+   both): prefill tokens computed, TTFT mean/p50/p95, and a PNG of mean TTFT per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from bench.core import hardware, prompt_ids
+from kvtrove import LLM, SamplingParams
+from kvtrove.kv.keys import chain_keys
+
+warnings.filterwarnings("ignore")
+ONE = SamplingParams(max_tokens=1, temperature=0)
+LICENSES = Path("/usr/share/common-licenses")
+
+
+# ---- raw media ------------------------------------------------------------------------------------
+
+
+def dram_bandwidth(nbytes: int) -> float:
+    """Bytes/s of a numpy copy of `nbytes` (best of 3)."""
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return src.nbytes / best
+
+
+def drop_page_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_bandwidth(directory: Path, nbytes: int) -> float:
+    """Bytes/s of a plain read of one `nbytes` file whose pages were dropped from the page cache."""
+    path = directory / "raw-read-probe.bin"
+    path.write_bytes(os.urandom(1 << 20) * max(1, nbytes >> 20))
+    best = float("inf")
+    for _ in range(2):
+        drop_page_cache([path])
+        t = time.perf_counter()
+        with open(path, "rb") as f:
+            data = f.read()
+        best = min(best, time.perf_counter() - t)
+    path.unlink()
+    return len(data) / best
+
+
+# ---- our tiers ------------------------------------------------------------------------------------
+
+
+def chunk_files(llm: LLM, keys) -> list[Path]:
+    disk = llm.engine.store.tiers[1]
+    return [disk._path(k) for k in keys]
+
+
+def forget_host(llm: LLM, keys) -> None:
+    llm.engine.store.tiers[0].delete(keys)
+
+
+def ttft(llm: LLM, ids: list[int]) -> tuple[float, dict]:
+    out = llm.generate({"prompt_token_ids": ids}, ONE)[0]
+    return out.ttft_s, out.cached_tokens_by_tier
+
+
+def prepare_hit(llm: LLM, keys, tier: str) -> None:
+    """Leave the prompt's chunks only in `tier` (device, host or disk)."""
+    llm.engine.store.flush()
+    if tier == "device":
+        return
+    llm.engine.pool.reset_cache()
+    if tier == "disk":
+        forget_host(llm, keys)
+        drop_page_cache(chunk_files(llm, keys))
+
+
+def load_bandwidth(llm: LLM, keys, tier: str) -> tuple[float, int]:
+    """Bytes/s of store.load (read + verify) and the copy into device blocks, and the bytes moved."""
+    prepare_hit(llm, keys, tier)
+    eng = llm.engine
+    t = time.perf_counter()
+    chunks = eng.store.load(keys, sink=lambda i, c: eng.runner.write_block(i, c.kv))
+    seconds = time.perf_counter() - t
+    assert len(chunks) == len(keys) and {c.tier for c in chunks} == {tier}, [c.tier for c in chunks[:3]]
+    eng.pool.reset_cache()  # blocks 0.. were overwritten
+    eng.store.flush()
+    nbytes = sum(f.stat().st_size for f in chunk_files(llm, keys))
+    return nbytes / seconds, nbytes
+
+
+def ttft_table(sizes: list[int], disk_dir: Path, repeats: int) -> dict:
+    llm = LLM(kv_disk_dir=str(disk_dir), kv_host_gb=4, kv_disk_gb=8)
+    ttft(llm, prompt_ids(64, 99))  # warm-up
+    bs = llm.engine.config.cache.block_size
+    results = {}
+    for n in sizes:
+        ids = prompt_ids(n, n)
+        keys = chain_keys(llm.engine.fingerprint, ids, bs)[: (n - 1) // bs]
+        cold, _ = ttft(llm, ids)
+        row = {"cold": cold}
+        for tier in ("device", "host", "disk"):
+            times = []
+            for _ in range(repeats):
+                prepare_hit(llm, keys, tier)
+                t, by_tier = ttft(llm, ids)
+                assert by_tier[tier] == len(keys) * bs, (tier, by_tier)
+                times.append(t)
+            row[tier] = statistics.median(times)
+        row["bytes"] = sum(f.stat().st_size for f in chunk_files(llm, keys))
+        row["keys"] = keys
+        results[n] = row
+        print(
+            f"  {n:>5} tokens: cold {cold:7.3f} s | device {row['device'] * 1e3:6.1f} ms | "
+            f"host {row['host'] * 1e3:6.1f} ms | disk {row['disk'] * 1e3:6.1f} ms | {row['bytes'] / 1e6:.0f} MB stored",
+            flush=True,
+        )
+    return llm, results
+
+
+# ---- multi-turn chat ------------------------------------------------------------------------------
+
+
+def documents(n: int, tokens: int, tok) -> list[str]:
+    """`n` different texts of about `tokens` tokens (from the system's license files)."""
+    text = " ".join(p.read_text(errors="ignore") for p in sorted(LICENSES.glob("*")) if p.is_file())
+    words = text.split()
+    per = int(tokens * 0.7)
+    if len(words) < n * per:
+        words = words * (n * per // max(1, len(words)) + 1)
+    return [" ".join(words[i * per : (i + 1) * per]) for i in range(n)]
+
+
+QUESTIONS = [
+    "Summarise the text above in two sentences.",
+    "What does it say about copying?",
+    "Who is allowed to change it?",
+    "Name one condition it sets.",
+    "Is anything said about warranty?",
+    "Give a short title for it.",
+]
+
+
+def multi_turn(
+    store_on: bool, convs: int, turns: int, doc_tokens: int, stagger_s: float, num_blocks: int, disk_dir: Path
+) -> dict:
+    kv = dict(kv_host_gb=4, kv_disk_dir=str(disk_dir), kv_disk_gb=8) if store_on else dict(kv_host_gb=0, kv_disk_gb=0)
+    llm = LLM(num_blocks=num_blocks, **kv)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=32)
+    docs = documents(convs, doc_tokens, eng.tokenizer)
+    history = [[{"role": "user", "content": f"{d}\n\n{QUESTIONS[0]}"}] for d in docs]
+    turn = [0] * convs
+    ttfts: list[list[float]] = [[] for _ in range(turns)]
+    computed = 0
+    live: dict[str, int] = {}
+
+    def submit(c: int) -> None:
+        prompt = llm.chat_prompt(history[c])
+        live[eng.add_request(prompt, params)] = c
+
+    # user c arrives at c * stagger_s and sends turn 1; each next turn goes as soon as its answer arrives
+    t0 = time.perf_counter()
+    arrived = 0
+    while live or arrived < convs:
+        now = time.perf_counter() - t0
+        while arrived < convs and arrived * stagger_s <= now:
+            submit(arrived)
+            arrived += 1
+        if not live:
+            time.sleep(max(0.0, arrived * stagger_s - now))
+            continue
+        for out in eng.step():
+            if not out.finished:
+                continue
+            c = live.pop(out.request_id)
+            ttfts[turn[c]].append(out.ttft_s)
+            computed += out.prompt_tokens - out.cached_tokens
+            history[c].append({"role": "assistant", "content": out.text})
+            turn[c] += 1
+            if turn[c] < turns:
+                history[c].append({"role": "user", "content": QUESTIONS[turn[c] % len(QUESTIONS)]})
+                submit(c)
+    wall = time.perf_counter() - t0
+    llm.close()
+    flat = sorted(t for per in ttfts for t in per)
+    return {
+        "per_turn": [statistics.mean(t) for t in ttfts],
+        "mean": statistics.mean(flat),
+        "p50": flat[len(flat) // 2],
+        "p95": flat[min(len(flat) - 1, int(0.95 * len(flat)))],
+        "computed": computed,
+        "wall": wall,
+    }
+
+
+def plot(on: dict, off: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    turns = range(1, len(on["per_turn"]) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(turns, off["per_turn"], "o-", label="store off (device prefix cache only)")
+    ax.plot(turns, on["per_turn"], "o-", label="store on (host + disk)")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("mean TTFT (s)")
+    ax.set_title("16 conversations x 6 turns, SmolLM2-135M fp32, 2 CPU cores")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1024,4096,8000")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--convs", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--doc-tokens", type=int, default=600, help="each conversation opens with its own document")
+    ap.add_argument("--stagger", type=float, default=1.5, help="seconds between users' first turns")
+    ap.add_argument("--device-blocks", type=int, default=256, help="device KV pool of the chat workload")
+    ap.add_argument("--plot", default="bench/results/multiturn_ttft.png")
+    ap.add_argument("--dir", default=None, help="where the disk tier lives (default: a temp dir on the home disk)")
+    args = ap.parse_args()
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvtrove-bench-", dir=Path.home()))
+    print(f"hardware: {hardware()}; disk tier in {base}", flush=True)
+
+    print("\n1. TTFT by where the prompt's KV is (max_tokens=1, median of repeats for hits)", flush=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    llm, table = ttft_table(sizes, base / "ttft", args.repeats)
+    ref = 4096 if 4096 in table else sizes[len(sizes) // 2]
+
+    print("\n2. Tier load bandwidth (read + verify + copy into device blocks) vs the raw medium", flush=True)
+    keys = table[ref]["keys"]
+    host_bw, nbytes = load_bandwidth(llm, keys, "host")
+    disk_bw, _ = load_bandwidth(llm, keys, "disk")
+    raw_dram = dram_bandwidth(nbytes)
+    raw_disk = disk_bandwidth(base, nbytes)
+    llm.close()
+    print(
+        f"  host: {host_bw / 1e9:.2f} GB/s vs numpy copy {raw_dram / 1e9:.2f} GB/s = "
+        f"{host_bw / raw_dram:.0%} (target >= 50%)"
+    )
+    print(
+        f"  disk: {disk_bw / 1e9:.2f} GB/s vs plain file read {raw_disk / 1e9:.2f} GB/s = "
+        f"{disk_bw / raw_disk:.0%} (target >= 50%)",
+        flush=True,
+    )
+
+    print("\n   TTFT speed-up over cold and distance to the bound (bytes / raw bandwidth + device-hit TTFT)")
+    for n, row in table.items():
+        for tier, raw in (("host", raw_dram), ("disk", raw_disk)):
+            bound = row["bytes"] / raw + row["device"]
+            target = {"host": " (target >= 50x at 4k)", "disk": " (target >= 20x at 4k)"}[tier] if n == ref else ""
+            print(
+                f"  {n:>5} {tier}: {row['cold'] / row[tier]:6.1f}x faster than cold{target}; "
+                f"{row[tier] * 1e3:.1f} ms vs bound {bound * 1e3:.1f} ms = {row[tier] / bound:.2f}x (target <= 1.5x)"
+            )
+
+    print(
+        f"\n3. Multi-turn chat: {args.convs} conversations x {args.turns} turns, a {args.doc_tokens}-token "
+        f"document each, users arriving every {args.stagger} s, device pool {args.device_blocks} blocks",
+        flush=True,
+    )
+    shape = (args.convs, args.turns, args.doc_tokens, args.stagger, args.device_blocks)
+    off = multi_turn(False, *shape, base / "chat")
+    on = multi_turn(True, *shape, base / "chat")
+    for name, r in (("store off", off), ("store on", on)):
+        print(
+            f"  {name:9}: prefill tokens computed {r['computed']:>7} | TTFT mean {r['mean']:.2f} s, "
+            f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s | wall {r['wall']:.0f} s"
+        )
+    print(
+        f"  store on vs off: {off['computed'] / on['computed']:.1f}x fewer prefill tokens, "
+        f"{off['mean'] / on['mean']:.2f}x lower mean TTFT (target >= 4x)"
+    )
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    plot(on, off, Path(args.plot))
+    print(f"  plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
