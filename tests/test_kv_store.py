@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from kvtrove.kv.format import ChunkHeader, encode
@@ -120,4 +122,17 @@ def test_bad_chunks_are_dropped_counted_and_end_the_run(tmp_path):
     # a chunk swapped under another key
     disk.put([(keys(4)[2], encode(*chunk(3)), 0.0)])
     assert len(s.load(keys(4))) == 2 and s.rejected["key"] == 1
+    s.close()
+
+
+def test_write_backlog_is_bounded(tmp_path):
+    s = KVStore([HostTier(10**6)], FP, torch.float32, max_backlog_bytes=3 * chunk(0)[1].nbytes)
+    gate = threading.Event()
+    s._jobs.put(gate.wait)  # the writer is stuck behind a slow write
+    for i in range(5):
+        s.save([(*chunk(i), 0.0)])
+    assert s.dropped_writes == 2  # three fit the backlog; the rest are dropped, not queued
+    gate.set()
+    s.flush()
+    assert s.stats()["host"]["entries"] == 3 and s._backlog.bytes == 0
     s.close()

@@ -48,8 +48,8 @@ class ChunkHeader:
     token_ids: tuple[int, ...]
 
 
-def encode(header: ChunkHeader, kv: torch.Tensor) -> bytes:
-    """The chunk's bytes; `kv` must match the header's shape and dtype."""
+def encode(header: ChunkHeader, kv: torch.Tensor) -> bytearray:
+    """The chunk's bytes; `kv` (any layout, on the CPU) must match the header's shape and dtype."""
     if tuple(kv.shape) != header.shape or kv.dtype != DTYPES.get(header.dtype):
         raise ValueError(f"KV {tuple(kv.shape)} {kv.dtype} does not match the header {header.shape} {header.dtype}")
     if len(header.token_ids) != header.shape[3]:
@@ -66,11 +66,18 @@ def encode(header: ChunkHeader, kv: torch.Tensor) -> bytes:
         separators=(",", ":"),
     ).encode()
     meta += b" " * (-(_PREFIX.size + len(meta)) % PAYLOAD_ALIGN)  # JSON allows trailing blanks
-    payload = kv.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
     if sys.byteorder != "little":  # the format is little-endian; every platform torch ships on is
         raise RuntimeError("big-endian hosts are not supported")
-    body = _PREFIX.pack(MAGIC, VERSION, len(meta)) + meta + payload
-    return body + xxhash.xxh3_128_digest(body)
+    start = _PREFIX.size + len(meta)
+    end = start + kv.numel() * kv.element_size()
+    out = bytearray(end + _DIGEST)  # one buffer, filled in place: the KV is copied once
+    _PREFIX.pack_into(out, 0, MAGIC, VERSION, len(meta))
+    out[_PREFIX.size : start] = meta
+    torch.frombuffer(out, dtype=torch.uint8, offset=start, count=end - start).view(kv.dtype).view(kv.shape).copy_(kv)
+    body = memoryview(out)[:end]
+    out[end:] = xxhash.xxh3_128_digest(body)
+    body.release()
+    return out
 
 
 def decode(

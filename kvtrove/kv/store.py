@@ -45,7 +45,12 @@ class LoadedChunk:
 
 class KVStore:
     def __init__(
-        self, tiers: Sequence[Tier], fingerprint: bytes, dtype: torch.dtype, break_even: BreakEven | None = None
+        self,
+        tiers: Sequence[Tier],
+        fingerprint: bytes,
+        dtype: torch.dtype,
+        break_even: BreakEven | None = None,
+        max_backlog_bytes: int = 2**30,
     ):
         self.tiers = list(tiers)
         self.fingerprint, self.dtype = fingerprint, dtype
@@ -56,6 +61,9 @@ class KVStore:
         """Tokens served (loaded instead of recomputed), per tier."""
         self.skipped: Counter[str] = Counter()
         """Runs of chunks not read because recomputing was judged faster, per tier."""
+        self.dropped_writes = 0
+        """Chunks not stored because `max_backlog_bytes` of writes were already queued."""
+        self._backlog = Backlog(max_backlog_bytes)
         self._origin: OrderedDict[bytes, str] = OrderedDict()
         """Chunks that prefetch copied up -> the tier they came from."""
         self._lock = threading.Lock()
@@ -148,8 +156,13 @@ class KVStore:
     def save(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
         """Queue (header, kv, recompute cost) chunks for storing in every tier; returns at once. `kv` must
         not change afterwards (pass a copy of device blocks)."""
-        if chunks and self.tiers:
-            self._jobs.put(functools.partial(_save, self.tiers, list(chunks)))
+        if not chunks or not self.tiers:
+            return
+        nbytes = sum(kv.nbytes for _, kv, _ in chunks)
+        if not self._backlog.take(nbytes):  # the tiers cannot keep up: drop rather than grow without bound
+            self.dropped_writes += len(chunks)
+            return
+        self._jobs.put(functools.partial(_save, self.tiers, list(chunks), self._backlog, nbytes))
 
     def flush(self) -> None:
         """Wait until every queued write is done."""
@@ -175,21 +188,25 @@ class KVStore:
         out = []
         t0 = time.perf_counter()
         nbytes = 0
-        for key, data in zip(keys, tier.get(keys)):
-            if data is None:  # deleted since `exists` (another engine evicted it)
-                break
-            try:
-                header, kv = decode(data, key, self.fingerprint, self.dtype, checksum=not tier.trusted)
-            except ChunkError as e:
-                log.warning("dropping a bad KV chunk %s from the %s tier: %s", key.hex(), tier.name, e)
-                tier.delete([key], rejected=True)
-                self.rejected[e.reason] += 1
-                break
-            nbytes += len(data)
-            chunk = LoadedChunk(header, kv, tier.name)
-            if sink is not None:
-                sink(start + len(out), chunk)
-            out.append((chunk, data))
+        values = tier.stream(keys)
+        try:
+            for key, data in zip(keys, values):
+                if data is None:  # deleted since `exists` (another engine evicted it)
+                    break
+                try:
+                    header, kv = decode(data, key, self.fingerprint, self.dtype, checksum=not tier.trusted)
+                except ChunkError as e:
+                    log.warning("dropping a bad KV chunk %s from the %s tier: %s", key.hex(), tier.name, e)
+                    tier.delete([key], rejected=True)
+                    self.rejected[e.reason] += 1
+                    break
+                nbytes += len(data)
+                chunk = LoadedChunk(header, kv, tier.name)
+                if sink is not None:
+                    sink(start + len(out), chunk)
+                out.append((chunk, data))
+        finally:
+            values.close()  # stops reads ahead of a bad chunk
         if self.break_even is not None:
             self.break_even.observe_read(tier.name, nbytes, time.perf_counter() - t0)
         return out
@@ -226,7 +243,33 @@ def _put_all(tiers: Sequence[Tier], items: list[tuple[bytes, bytes, float]]) -> 
         tier.put(items)
 
 
-def _save(tiers: Sequence[Tier], chunks: list[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
+class Backlog:
+    """Bytes of KV queued for writing, within a bound."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bytes = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.bytes + n > self.limit:
+                return False
+            self.bytes += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.bytes -= n
+
+
+def _save(tiers: Sequence[Tier], chunks: list[tuple[ChunkHeader, torch.Tensor, float]], backlog: Backlog, n: int):
+    try:
+        _store_all(tiers, chunks)
+    finally:
+        backlog.give(n)
+
+
+def _store_all(tiers: Sequence[Tier], chunks: list[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
     encoded = {}
     for tier in tiers:
         todo = [c for c, present in zip(chunks, tier.exists([h.key for h, _, _ in chunks])) if not present]

@@ -8,7 +8,7 @@ delete what fails.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 
@@ -54,6 +54,10 @@ class Tier(ABC):
 
     @abstractmethod
     def stats(self) -> TierStats: ...
+
+    def stream(self, keys: Sequence[bytes]) -> Iterator[bytes | None]:
+        """`get` one value at a time, so the caller can use each while later ones are still being read."""
+        yield from self.get(keys)
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, are all present."""

@@ -10,12 +10,14 @@ read-only, removed) logs one warning and switches the tier off for a cool-down, 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from kvtrove.kv.tiers.base import Tier, TierStats
 log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
 PARALLEL_READS = 4
+READ_AHEAD = 8
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -65,30 +68,50 @@ class DiskTier(Tier):
     # ---- Tier -----------------------------------------------------------------------------------
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = [None] * len(keys)
+        return list(self.stream(keys))
+
+    def stream(self, keys: Sequence[bytes]) -> Iterator[bytes | None]:
+        """Reads keep READ_AHEAD files in flight (one at a time leaves most of an SSD idle) while the
+        caller checks the chunks already read; closing the iterator early cancels the rest."""
         with self._lock:
-            if not self._on():
+            on = self._on()
+            if not on:
                 self._stats.misses += len(keys)
-                return out
-            paths = [self._path(key) for key in keys]
-        # several reads in flight: one file at a time leaves most of an SSD's bandwidth unused
-        results = list(_readers().map(_read, paths)) if len(paths) > 1 else [_read(p) for p in paths]
-        with self._lock:
-            for i, (key, data) in enumerate(zip(keys, results)):
-                if isinstance(data, FileNotFoundError):
-                    self._forget(key)
-                    self._stats.misses += 1
-                elif isinstance(data, OSError):
-                    self._fail("read", data)
-                    self._stats.misses += len(keys) - i
-                    break
-                else:
-                    self._stats.hits += 1
-                    self._stats.bytes_read += len(data)
-                    self._know(key, len(data))
-                    self._order.touch(key)
-                    out[i] = data
-        return out
+        if not on:
+            yield from [None] * len(keys)
+            return
+        pool, pending = _readers(), deque()
+        todo = iter(keys)
+        try:
+            for key in itertools.islice(todo, READ_AHEAD):
+                pending.append((key, pool.submit(_read, self._path(key))))
+            for i in range(len(keys)):
+                key, fut = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(_read, self._path(nxt))))
+                data = fut.result()
+                with self._lock:
+                    if isinstance(data, FileNotFoundError):
+                        self._forget(key)
+                        self._stats.misses += 1
+                        data = None
+                    elif isinstance(data, OSError):
+                        self._fail("read", data)
+                        self._stats.misses += len(keys) - i
+                        break
+                    else:
+                        self._stats.hits += 1
+                        self._stats.bytes_read += len(data)
+                        self._know(key, len(data))
+                        self._order.touch(key)
+                yield data
+            else:
+                return
+            yield from [None] * (len(keys) - i)
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
     def put(self, items: Sequence[tuple[bytes, bytes, float]]) -> None:
         with self._lock:
@@ -102,7 +125,7 @@ class DiskTier(Tier):
         with self._lock:
             if not self._on():
                 return [False] * len(keys)
-            return [key in self._sizes or self._path(key).exists() for key in keys]
+            return [self._present(key) for key in keys]
 
     def delete(self, keys: Sequence[bytes], rejected: bool = False) -> None:
         with self._lock:
@@ -148,8 +171,7 @@ class DiskTier(Tier):
 
     def _write(self, key: bytes, value: bytes, cost: float) -> None:
         path = self._path(key)
-        if key in self._sizes or path.exists():
-            self._know(key, len(value))
+        if self._present(key):
             self._order.touch(key)
             return
         while self._bytes + len(value) > self.capacity:
@@ -171,6 +193,20 @@ class DiskTier(Tier):
         self._bytes += len(value)
         self._order.add(key, len(value), cost)
         self._stats.bytes_written += len(value)
+
+    def _present(self, key: bytes) -> bool:
+        """Whether the file is there (the index alone can be stale: other engines evict, directories
+        get removed); brings the index in line."""
+        try:
+            size = self._path(key).stat().st_size
+        except FileNotFoundError:
+            self._forget(key)
+            return False
+        except OSError as e:
+            self._fail("stat", e)
+            return False
+        self._know(key, size)
+        return True
 
     def _know(self, key: bytes, size: int) -> None:
         if key not in self._sizes:
