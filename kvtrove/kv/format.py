@@ -29,6 +29,10 @@ PAYLOAD_ALIGN = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# decoded tensors view the stored bytes in place and are only ever read (copied into device blocks)
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
 class ChunkError(ValueError):
     """A stored chunk that must not be used; `reason` names the check that failed (for counters)."""
 
@@ -125,7 +129,5 @@ def decode(
         expected *= d
     if len(payload) != expected:
         raise ChunkError("truncated", f"payload of {len(payload)} bytes, shape {shape} needs {expected}")
-    with warnings.catch_warnings():  # torch warns that `data` is read-only; the tensor is only read
-        warnings.simplefilter("ignore", UserWarning)
-        kv = torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
+    kv = torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
     return header, kv
