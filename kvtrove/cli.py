@@ -1,4 +1,6 @@
-"""Command line: `kvtrove demo | generate | cache`. Every engine option is a flag named like its LLM keyword."""
+"""Command line: `kvtrove demo | generate | chat | serve | bench | cache`.
+
+Every engine option is a flag named like its LLM keyword."""
 
 from __future__ import annotations
 
@@ -69,6 +71,88 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat in the terminal; each turn resends the history, so its KV is reused."""
+    import time
+
+    from kvtrove import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("kvtrove chat: /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                messages = messages[:1] if args.system else []
+                continue
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            t0, out = time.perf_counter(), None
+            for out in llm.stream(llm.chat_prompt(messages), params):
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+            print()
+            n = len(out.token_ids)
+            decode_s = time.perf_counter() - t0 - (out.ttft_s or 0)
+            rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+            print(
+                f"[TTFT {out.ttft_s * 1000:.0f} ms, {rate:.1f} tokens/s, {out.prompt_tokens} prompt tokens, "
+                f"{_cached(out)} cached]",
+                file=sys.stderr,
+            )
+            messages.append({"role": "assistant", "content": out.text})
+    finally:
+        llm.close()
+    return 0
+
+
+BENCHMARKS = ("core", "kv_store", "server")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark of bench/ (a source checkout's; they are not part of the installed package)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / f"{args.name}.py").exists():
+        raise ValueError(f"no bench/{args.name}.py next to this kvtrove ({root}); run it from a source checkout")
+    return subprocess.call([sys.executable, "-m", f"bench.{args.name}", *args.args], cwd=root)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server; the engine steps on its own thread, uvicorn serves the API."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from kvtrove.config import EngineConfig, api_key_from_env
+    from kvtrove.engine.engine import Engine
+    from kvtrove.server.app import create_app
+    from kvtrove.server.async_engine import AsyncEngine
+
+    engine = Engine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    name = args.served_model_name or Path(engine.config.model.model).name.removesuffix(".gguf")
+    api_key = args.api_key or api_key_from_env()
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    app = create_app(async_engine, name, api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+    auth = "bearer auth on" if api_key else "no auth"
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        async_engine.stop()
+    return 0
+
+
 def _cached(out) -> str:
     tiers = ", ".join(f"{t} {n}" for t, n in out.cached_tokens_by_tier.items() if n)
     return f"{out.cached_tokens} ({tiers})" if tiers else "0"
@@ -133,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="chat in the terminal, with TTFT, tokens/s and cached tokens per turn")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--seed", type=int, default=None)
+    add_engine_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, ...)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $KVTROVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
+    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (413 above)")
+    add_engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    bench = sub.add_parser("bench", help="run a benchmark: core (engine vs HF and llama.cpp), kv_store, server")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
+    bench.set_defaults(func=cmd_bench)
     cache = sub.add_parser("cache", help="show or clear the KV store's disk tier")
     cache.add_argument("action", choices=("stats", "clear"))
     cache.add_argument("--kv-disk-dir", default=None, help="the disk tier's directory (default: <cache dir>/kv)")

@@ -35,6 +35,11 @@ def default_model_path() -> str:
     return str(ggufs[0])
 
 
+def api_key_from_env() -> str | None:
+    """The server's API key when `--api-key` is not given: $KVTROVE_API_KEY (unset or empty: no auth)."""
+    return os.environ.get("KVTROVE_API_KEY") or None
+
+
 def opt(default, help: str):
     """A config field with its help text (shown by the CLI)."""
     return field(default=default, metadata={"help": help})

@@ -72,16 +72,7 @@ class LLM:
         return self.generate([self.chat_prompt(c, add_generation_prompt) for c in convs], sampling_params)
 
     def chat_prompt(self, messages: list[Message], add_generation_prompt: bool = True) -> dict:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"each message needs a string 'role' and a string 'content', got {m!r}")
-        tok = self.engine.tokenizer
-        if tok.chat_template is None:
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        return self.engine.chat_prompt(messages, add_generation_prompt)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each time new tokens arrive (`delta_text` holds the new text).

@@ -126,6 +126,22 @@ class Engine:
             return list(ids)
         raise ValueError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> dict:
+        """The model's chat template applied to `messages`, as token ids."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"each message needs a string 'role' and a string 'content', got {m!r}")
+        tok = self.tokenizer
+        if tok.chat_template is None:
+            raise ValueError("this model has no chat template; use a plain prompt")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # the template's own checks (role order, unknown roles) raise jinja errors
+            raise ValueError(f"the chat template refused these messages: {e}") from None
+        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
     def add_request(self, prompt: str | dict, params: SamplingParams, request_id: str | None = None) -> str:
         """Validate and queue a prompt; raises ValueError (and changes nothing) for bad input."""
         if not isinstance(params, SamplingParams):

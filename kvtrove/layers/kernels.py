@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import xxhash
@@ -39,10 +40,12 @@ def cpu_kernels():
         # the build targets this CPU (-march=native) and this torch: its name carries both
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         flags = next((ln for ln in cpu.splitlines() if ln.startswith(("flags", "Features"))), "")
-        text = flags + torch.__version__ + "".join(p.read_text() for p in _SOURCES + _HEADERS)
-        tag = xxhash.xxh3_64_hexdigest(text.encode())[:12]
+        # and this checkout: torch rebuilds when the source paths change, so checkouts would take turns
+        text = flags + torch.__version__ + str(_SOURCES[0].parent) + "".join(p.read_text() for p in _SOURCES + _HEADERS)
+        name = f"kvtrove_cpu_kernels_{xxhash.xxh3_64_hexdigest(text.encode())[:12]}"
+        _clear_stale_lock(name)
         return load(
-            name=f"kvtrove_cpu_kernels_{tag}",
+            name=name,
             sources=[str(p) for p in _SOURCES],
             # OpenMP: at::parallel_for runs on torch's thread pool only when the extension is built with it
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
@@ -52,3 +55,20 @@ def cpu_kernels():
     except Exception as e:  # no compiler, no ninja, an odd platform: the torch path still works
         log.warning("kvtrove's C++ CPU kernels are unavailable (%s); using torch ops", e)
         return None
+
+
+STALE_LOCK_S = 600
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's build lock outlives a build that was killed, and later loads wait on it forever; no
+    build takes anywhere near STALE_LOCK_S, so an older lock is a leftover."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale build lock %s (a build was interrupted)", lock)
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass

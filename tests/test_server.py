@@ -1,0 +1,253 @@
+"""The OpenAI-compatible server as a real process on a loopback port, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY, headers=None):
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def server(smollm_path, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "kvtrove.cli", "serve", "--port", str(port), "--api-key", KEY]
+    cmd += ["--model", smollm_path, "--num-blocks", "512", "--kv-disk-gb", "0", "--max-body-mb", "0.05"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()}")
+        try:
+            if http("GET", base + "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(f"server did not come up: {log.read_text()}")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def metric(server: str, name: str) -> float:
+    text = http("GET", server + "/metrics")[1].decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def wait_blocks_free(server: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while metric(server, "kvtrove_kv_blocks_in_use") and time.time() < deadline:
+        time.sleep(0.2)
+    assert metric(server, "kvtrove_kv_blocks_in_use") == 0
+    assert metric(server, "kvtrove_requests_running") == 0
+
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_chat_and_cached_tokens(client, model, server):
+    assert model == "SmolLM2-135M-Instruct.Q4_1"
+    first = client.chat.completions.create(model=model, messages=CAPITAL, max_tokens=24, temperature=0)
+    assert "Paris" in first.choices[0].message.content
+    assert first.choices[0].finish_reason == "stop" and first.object == "chat.completion"
+    u = first.usage
+    assert u.prompt_tokens > 0 and u.completion_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    again = client.chat.completions.create(model=model, messages=CAPITAL, max_tokens=24, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16 > 0
+    assert metric(server, 'kvtrove_cached_prompt_tokens_total{tier="device"}') > 0
+
+
+def test_streaming_chat_with_usage(client, model):
+    want = client.chat.completions.create(model=model, messages=CAPITAL, max_tokens=24, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=CAPITAL,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens and not chunks[-1].choices
+
+
+def test_completion_stop_logprobs_n_and_seed(client, model):
+    out = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=12, temperature=0, stop=["."], logprobs=2
+    )
+    c = out.choices[0]
+    assert "." not in c.text and c.finish_reason == "stop" and "Paris" in c.text
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) >= 1
+    assert all(len(top) >= 1 for top in c.logprobs.top_logprobs)
+    kw = dict(model=model, messages=[{"role": "user", "content": "Tell me a word."}], max_tokens=10, temperature=1.0)
+    a = client.chat.completions.create(seed=7, n=2, **kw)
+    b = client.chat.completions.create(seed=7, n=2, **kw)
+    assert [x.message.content for x in a.choices] == [x.message.content for x in b.choices]
+    assert len(a.choices) == 2 and {x.index for x in a.choices} == {0, 1}
+    lp = client.chat.completions.create(logprobs=True, top_logprobs=3, max_completion_tokens=4, **{**kw, "seed": 1})
+    first = lp.choices[0].logprobs.content[0]
+    assert len(first.top_logprobs) == 3 and first.logprob <= 0
+    assert lp.usage.completion_tokens <= 4
+    many = client.completions.create(model=model, prompt=["One", "Two"], max_tokens=3, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1]
+
+
+def test_concurrent_streaming_clients(server, client, model):
+    prompts = [f"Write the number {i} in words, then stop." for i in range(32)]
+    want = [
+        client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text for p in prompts
+    ]
+
+    async def one(ac, p):
+        parts, finish = [], None
+        stream = await ac.completions.create(model=model, prompt=p, max_tokens=12, temperature=0, stream=True)
+        async for chunk in stream:
+            parts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+        try:
+            return await asyncio.gather(*(one(ac, p) for p in prompts))
+        finally:
+            await ac.close()
+
+    got = asyncio.run(main())
+    assert [g[0] for g in got] == want
+    assert all(g[1] in ("stop", "length") for g in got)
+    wait_blocks_free(server)
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server, client, model):
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    wait_blocks_free(server)
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "n": 0}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "top_p": 1.5}, 400, "top_p"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "model": "gpt-4"}, 400, "gpt-4"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role"),
+        ({"messages": [{"content": "Hi"}]}, 400, "role"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "stream": True, "temperature": -1}, 400, "temperature"),
+    ],
+)
+def test_bad_chat_input_gets_an_openai_error(server, model, body, status, needle):
+    payload = {"model": model, **body}
+    code, raw = http("POST", server + "/v1/chat/completions", json.dumps(payload).encode())
+    assert code == status, raw
+    err = json.loads(raw)["error"]
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_other_errors_and_the_server_keeps_serving(server, client, model):
+    code, raw = http("POST", server + "/v1/completions", b"{not json")
+    assert code == 400 and "error" in json.loads(raw)
+    long = {"model": model, "prompt": {"bad": 1}}
+    assert http("POST", server + "/v1/completions", json.dumps(long).encode())[0] == 400
+    too_long = {"model": model, "prompt": [5] * 9000, "max_tokens": 4}
+    code, raw = http("POST", server + "/v1/completions", json.dumps(too_long).encode())
+    assert code == 400 and "8192" in json.loads(raw)["error"]["message"]
+    big = json.dumps({"model": model, "prompt": "x" * 100_000}).encode()
+    code, raw = http("POST", server + "/v1/completions", big)
+    assert code == 413 and json.loads(raw)["error"]["code"] == 413
+    code, raw = http("GET", server + "/v1/nothing-here")
+    assert code == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
+    out = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert out.choices[0].text
+
+
+def test_auth(server, model):
+    assert http("GET", server + "/v1/models", key=None)[0] == 401
+    assert http("GET", server + "/v1/models", key="wrong")[0] == 401
+    assert http("GET", server + "/v1/models")[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert http("GET", server + "/health", key=None)[0] == 200  # probes need no key
+
+
+def test_serve_binds_loopback_by_default():
+    from kvtrove.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.api_key is None
+    env = dict(os.environ)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvtrove.cli", "serve", "--help"], capture_output=True, text=True, env=env, check=True
+    )
+    assert "--api-key" in out.stdout and "--port" in out.stdout
