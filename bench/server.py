@@ -177,6 +177,7 @@ def main() -> None:
     threads = str(os.cpu_count() or 1)
     peer_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
     peer_cmd += ["--n_ctx", "4096", "--n_threads", threads, "--n_threads_batch", threads]
+    peer_cmd += ["--interrupt_requests", "False"]  # its default cuts a running answer off when another request comes
     peer = start(peer_cmd, port, tmp / "peer.log")
     base = f"http://127.0.0.1:{port}"
     try:

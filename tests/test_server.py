@@ -38,12 +38,11 @@ def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def server(smollm_path, tmp_path_factory):
+def start_server(smollm_path, tmp_path_factory, *extra: str):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "kvtrove.cli", "serve", "--port", str(port), "--api-key", KEY]
-    cmd += ["--model", smollm_path, "--num-blocks", "512", "--kv-disk-gb", "0", "--max-body-mb", "0.05"]
+    cmd += ["--model", smollm_path, "--kv-disk-gb", "0", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     base = f"http://127.0.0.1:{port}"
@@ -60,6 +59,12 @@ def server(smollm_path, tmp_path_factory):
     else:
         proc.kill()
         raise RuntimeError(f"server did not come up: {log.read_text()}")
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def server(smollm_path, tmp_path_factory):
+    proc, base = start_server(smollm_path, tmp_path_factory, "--num-blocks", "512", "--max-body-mb", "0.05")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -251,3 +256,35 @@ def test_serve_binds_loopback_by_default():
         [sys.executable, "-m", "kvtrove.cli", "serve", "--help"], capture_output=True, text=True, env=env, check=True
     )
     assert "--api-key" in out.stdout and "--port" in out.stdout
+
+
+def test_full_queue_gets_429_and_the_rest_complete(smollm_path, tmp_path_factory):
+    proc, base = start_server(smollm_path, tmp_path_factory, "--max-num-seqs", "1", "--max-waiting", "2")
+    try:
+        ac_kw = dict(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        model = openai.OpenAI(**ac_kw).models.list().data[0].id
+
+        async def one(ac, i):
+            try:
+                r = await ac.completions.create(
+                    model=model, prompt=f"Story {i}:", max_tokens=48, temperature=0, extra_body={"ignore_eos": True}
+                )
+                return r.usage.completion_tokens
+            except openai.RateLimitError as e:
+                assert e.status_code == 429 and "busy" in e.message
+                return "429"
+
+        async def main():
+            ac = openai.AsyncOpenAI(**ac_kw)
+            try:
+                return await asyncio.gather(*(one(ac, i) for i in range(8)))
+            finally:
+                await ac.close()
+
+        got = asyncio.run(main())
+        assert "429" in got and 48 in got  # some refused at once, the admitted ones complete
+        assert all(g in ("429", 48) for g in got)
+        wait_blocks_free(base)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 import torch
 import xxhash
+from tqdm import tqdm
 
 from kvtrove.config import cache_dir
 
@@ -110,8 +111,11 @@ def _convert(path: Path, out: Path) -> None:
                 "shape": list(t.data.shape),
             }
         )
-    AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    with tqdm(total=2, desc=f"converting {path.name} (once)", unit="step", disable=None) as bar:
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+        bar.update()
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+        bar.update()
     (out / "tensors.json").write_text(json.dumps({"architecture": arch, "tensors": tensors}))
 
 
@@ -132,7 +136,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _tensors(path: Path, meta: dict, cfg, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     permuted = SUPPORTED[meta["architecture"]]
     data = np.memmap(path, mode="r")
-    for t in meta["tensors"]:
+    for t in tqdm(meta["tensors"], desc=f"loading {path.name}", unit="tensor", disable=None, leave=False):
         name = gguf_to_hf_name(t["name"])
         if name is None:
             continue

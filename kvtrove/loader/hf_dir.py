@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 
 def open_hf_dir(path: Path, dtype: torch.dtype):
@@ -29,7 +30,7 @@ def open_hf_dir(path: Path, dtype: torch.dtype):
 
 
 def _tensors(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
+    for f in tqdm(files, desc="loading weights", unit="file", disable=None, leave=False):
         with safe_open(f, framework="pt") as st:
             for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = st.get_tensor(name)
