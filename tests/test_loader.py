@@ -104,3 +104,24 @@ def test_unwritable_cache_still_loads(smollm_path, tmp_path, monkeypatch):
     monkeypatch.setenv("KVTROVE_CACHE_DIR", str(blocker / "cache"))
     llm = LLM(model=smollm_path, num_blocks=16)
     assert len(llm.generate("Hi", SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids) == 2
+
+
+def test_fingerprint_follows_content_not_location(tiny_model, smollm_path, tmp_path, monkeypatch):
+    import torch
+
+    from kvtrove.loader import load_checkpoint
+
+    src = tiny_model("llama")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(src, moved)
+    fp = load_checkpoint(str(src), torch.float32).fingerprint
+    assert load_checkpoint(str(moved), torch.float32).fingerprint == fp  # stored KV survives a move
+    assert load_checkpoint(str(src), torch.bfloat16).fingerprint != fp  # but not a dtype change
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (moved / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(str(moved), torch.float32).fingerprint != fp
+    # a GGUF converted again into another cache folder (a reinstall) keeps its fingerprint
+    g = load_checkpoint(smollm_path, torch.float32).fingerprint
+    monkeypatch.setenv("KVTROVE_CACHE_DIR", str(tmp_path / "other-cache"))
+    assert load_checkpoint(smollm_path, torch.float32).fingerprint == g

@@ -50,10 +50,16 @@ def load_checkpoint(path: str, dtype: torch.dtype) -> Checkpoint:
     )
 
 
+NOT_CONTENT = ("_name_or_path", "transformers_version")
+"""Config fields that say where a model was loaded from or by what, not what it computes."""
+
+
 def fingerprint(hf_config, dtype: torch.dtype, files: list[Path]) -> bytes:
-    """xxh3-128 over the architecture, the dtype and the bytes of every weight file."""
+    """xxh3-128 over the architecture, the dtype and the bytes of every weight file: content only, so a
+    model moved, reinstalled or re-converted elsewhere keeps its stored KV."""
     h = xxhash.xxh3_128()
-    h.update(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode())
+    arch = {k: v for k, v in hf_config.to_dict().items() if k not in NOT_CONTENT}
+    h.update(json.dumps(arch, sort_keys=True, default=str).encode())
     h.update(str(dtype).encode())
     for f in sorted(files):
         with open(f, "rb") as fh:
