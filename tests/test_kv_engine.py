@@ -89,19 +89,14 @@ def test_restart_serves_a_long_prompt_from_disk(smollm_path, reference, tmp_path
         assert warm.cached_tokens_by_tier["host"] == 0
     totals = ledger.read(disk)  # both engines' counters were recorded next to the chunks
     assert totals["disk"]["tokens_saved"] == full_blocks(warm)
-    out = subprocess.run(
-        [sys.executable, "-m", "kvtrove.cli", "cache", "stats", "--kv-disk-dir", str(disk)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+
+    def cache_cli(action: str) -> str:
+        cmd = [sys.executable, "-m", "kvtrove.cli", "cache", action, "--kv-disk-dir", str(disk)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    out = cache_cli("stats")
     assert "chunks" in out and "tokens_saved" in out
-    out = subprocess.run(
-        [sys.executable, "-m", "kvtrove.cli", "cache", "clear", "--kv-disk-dir", str(disk)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = cache_cli("clear")
     assert "removed" in out and not list(disk.rglob("*" + SUFFIX)) and ledger.read(disk) == {}
 
 
