@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvtrove.kv.eviction import POLICIES
+from kvtrove.kv.tiers.remote import check_url
 
 DTYPES = ("float32", "bfloat16")
 
@@ -87,6 +88,14 @@ class CacheConfig:
     kv_disk_dir: str | None = opt(None, "Directory of the disk tier (shareable by engines); None -> <cache dir>/kv.")
     kv_disk_gb: float = opt(20.0, "Disk space for stored KV chunks; 0 turns the disk tier off.")
     eviction: str = opt("lru", "Store eviction policy: lru or cost, or per tier, e.g. host=cost,disk=lru.")
+    kv_remote: str | None = opt(
+        None,
+        "A KV pool shared by engines, below disk: redis://[:password@]host:port/db, rediss:// (TLS), "
+        "redis+cluster://host:port, or mooncake://master-host:port.",
+    )
+    kv_remote_namespace: str = opt("kvtrove", "Prefix of this deployment's keys in the shared pool.")
+    kv_remote_timeout_s: float = opt(1.0, "Longest wait for one call to the pool, retry included; then it is skipped.")
+    kv_remote_cooldown_s: float = opt(10.0, "How long a failing pool is skipped before it is tried again.")
 
     def eviction_for(self, tier: str) -> str:
         """The eviction policy of one tier."""
@@ -100,6 +109,16 @@ class CacheConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kv_disk_dir is None:
             self.kv_disk_dir = str(cache_dir() / "kv")
+        if self.kv_remote is not None:
+            check_url(self.kv_remote)
+        if not 0 < self.kv_remote_timeout_s <= 30:
+            raise ValueError(f"kv_remote_timeout_s must be in (0, 30], got {self.kv_remote_timeout_s}")
+        if self.kv_remote_cooldown_s < 0:
+            raise ValueError(f"kv_remote_cooldown_s must be >= 0, got {self.kv_remote_cooldown_s}")
+        if not self.kv_remote_namespace or any(c.isspace() or c == ":" for c in self.kv_remote_namespace):
+            raise ValueError(
+                f"kv_remote_namespace must be a word without ':' or spaces, got {self.kv_remote_namespace!r}"
+            )
         parts = self.eviction.split(",") if "=" in self.eviction else [f"host={self.eviction}"]
         for part in parts:
             tier, _, policy = part.partition("=")

@@ -188,7 +188,7 @@ class FailingDisk:
 def test_failing_disk_warns_and_no_request_fails(smollm_path, reference, tmp_path, monkeypatch, caplog, err):
     llm = engine(smollm_path, tmp_path / "kv", host_gb=0)
     disk = llm.engine.store.tiers[0]
-    disk.cooldown_s = 0.2
+    disk.breaker.cooldown_s = 0.2
     fault = FailingDisk(monkeypatch, err)
     with caplog.at_level(logging.WARNING, logger="kvtrove"):
         for _ in range(2):
@@ -211,7 +211,7 @@ def test_disk_directory_removed_under_a_running_engine(smollm_path, reference, t
 
     root = tmp_path / "kv"
     llm = engine(smollm_path, root, host_gb=0)
-    llm.engine.store.tiers[0].cooldown_s = 0.2
+    llm.engine.store.tiers[0].breaker.cooldown_s = 0.2
     llm.generate(PROMPTS, GREEDY)
     forget_device(llm)
     shutil.rmtree(root)

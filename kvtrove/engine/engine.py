@@ -21,6 +21,7 @@ from kvtrove.kv.store import KVStore
 from kvtrove.kv.tiers.base import Tier
 from kvtrove.kv.tiers.disk import DiskTier
 from kvtrove.kv.tiers.host import HostTier
+from kvtrove.kv.tiers.remote import open_remote
 from kvtrove.layers.kernels import cpu_kernels
 from kvtrove.loader import load_checkpoint
 from kvtrove.models.registry import build_model
@@ -36,12 +37,20 @@ MIN_PREFILL_SAMPLE = 64
 
 def build_store(cc: CacheConfig, fingerprint: bytes, dtype: torch.dtype, break_even: BreakEven) -> KVStore | None:
     """The store's tiers from the config, fastest first; None when prefix caching is off or no tier is on."""
+    if not cc.enable_prefix_caching:
+        return None
     tiers: list[Tier] = []
     if cc.kv_host_gb > 0:
         tiers.append(HostTier(int(cc.kv_host_gb * 2**30), cc.eviction_for("host")))
     if cc.kv_disk_gb > 0:
         tiers.append(DiskTier(cc.kv_disk_dir, int(cc.kv_disk_gb * 2**30), cc.eviction_for("disk")))
-    if not cc.enable_prefix_caching or not tiers:
+    if cc.kv_remote:
+        tiers.append(
+            open_remote(
+                cc.kv_remote, cc.kv_remote_namespace, fingerprint, cc.kv_remote_timeout_s, cc.kv_remote_cooldown_s
+            )
+        )
+    if not tiers:
         return None
     return KVStore(tiers, fingerprint, dtype, break_even)
 

@@ -74,7 +74,7 @@ class KVStore:
         self._writer = threading.Thread(target=_write_loop, args=(self._jobs,), name="kvtrove-kv-writer", daemon=True)
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvtrove-kv-prefetch")
-        self._closer = weakref.finalize(self, _shut_down, self._jobs, self._writer, self._reader)
+        self._closer = weakref.finalize(self, _shut_down, self._jobs, self._writer, self._reader, self.tiers)
 
     # ---- reads -------------------------------------------------------------------------------------
 
@@ -228,10 +228,12 @@ def _write_loop(jobs: queue.Queue) -> None:
             jobs.task_done()
 
 
-def _shut_down(jobs: queue.Queue, writer: threading.Thread, reader: ThreadPoolExecutor) -> None:
+def _shut_down(jobs: queue.Queue, writer: threading.Thread, reader: ThreadPoolExecutor, tiers: list[Tier]) -> None:
     reader.shutdown(wait=True, cancel_futures=True)
     jobs.put(None)
     writer.join(timeout=60)
+    for tier in tiers:
+        tier.close()
 
 
 def _demote(jobs: queue.Queue, lower: Tier, key: bytes, value: bytes, cost: float) -> None:

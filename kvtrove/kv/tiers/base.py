@@ -22,6 +22,8 @@ class TierStats:
     evictions: int = 0
     rejected: int = 0
     """Values refused by the store (corrupt, truncated, foreign) and deleted."""
+    errors: int = 0
+    """Failed calls to the medium (I/O errors, timeouts, connection failures)."""
     bytes_read: int = 0
     bytes_written: int = 0
 
@@ -54,6 +56,9 @@ class Tier(ABC):
 
     @abstractmethod
     def stats(self) -> TierStats: ...
+
+    def close(self) -> None:  # noqa: B027 (optional: most tiers hold nothing to release)
+        """Release connections and threads (after the last call)."""
 
     def stream(self, keys: Sequence[bytes]) -> Iterator[bytes | None]:
         """`get` one value at a time, so the caller can use each while later ones are still being read."""

@@ -11,10 +11,8 @@ read-only, removed) logs one warning and switches the tier off for a cool-down, 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -23,8 +21,8 @@ from pathlib import Path
 
 from kvtrove.kv.eviction import Eviction
 from kvtrove.kv.tiers.base import Tier, TierStats
+from kvtrove.kv.tiers.breaker import Breaker
 
-log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
 PARALLEL_READS = 4
 READ_AHEAD = 8
@@ -55,13 +53,12 @@ class DiskTier(Tier):
             raise ValueError(f"disk tier capacity must be >= 0 bytes, got {capacity_bytes}")
         self.root = Path(directory).expanduser()
         self.capacity = capacity_bytes
-        self.cooldown_s = cooldown_s
+        self.breaker = Breaker(f"KV disk tier {self.root}", cooldown_s)
         self._sizes: dict[bytes, int] = {}
         self._bytes = 0
         self._order = Eviction(eviction)
         self._stats = TierStats(capacity_bytes=capacity_bytes)
         self._lock = threading.Lock()
-        self._off_until = 0.0
         with self._lock:
             self._guard("open", self._scan)
 
@@ -226,10 +223,12 @@ class DiskTier(Tier):
         self._forget(key)
 
     def _on(self) -> bool:
-        if self._off_until and time.monotonic() >= self._off_until:
-            self._off_until = 0.0
-            self._guard("reopen", self._scan)
-        return not self._off_until
+        if not self.breaker.is_open:
+            return True
+        if self.breaker.allow() and self._guard("reopen", self._scan):
+            self.breaker.succeeded()
+            return True
+        return False
 
     def _guard(self, what: str, fn, *args) -> bool:
         try:
@@ -240,8 +239,5 @@ class DiskTier(Tier):
             return False
 
     def _fail(self, what: str, e: OSError) -> None:
-        if not self._off_until:
-            log.warning(
-                "KV disk tier %s failed at %s (%s); off for %.0f s, then retried", self.root, what, e, self.cooldown_s
-            )
-        self._off_until = time.monotonic() + self.cooldown_s
+        self.breaker.failed(what, e)
+        self._stats.errors += 1
