@@ -1,4 +1,4 @@
-"""Command line: `kvtrove demo | generate | chat | serve | bench | cache`.
+"""Command line: `kvtrove demo | generate | chat | serve | router | bench | cache`.
 
 Every engine option is a flag named like its LLM keyword."""
 
@@ -21,6 +21,43 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
         p.add_argument(flag, dest=name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
+
+
+def add_router_flags(p: argparse.ArgumentParser) -> None:
+    from kvtrove.router.config import RouterConfig
+    from kvtrove.router.policy import POLICIES
+
+    default = {name: f.default for name, f in RouterConfig.__dataclass_fields__.items()}
+    p.add_argument("--engine", action="append", required=True, help="an engine's base URL (repeat for each engine)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--policy", choices=tuple(POLICIES), default=default["policy"], help="(default: %(default)s)")
+    p.add_argument(
+        "--min-match",
+        type=float,
+        default=default["min_match"],
+        help="prefix policy: share of the request the best-matching engine must hold (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-imbalance",
+        type=int,
+        default=default["max_imbalance"],
+        help="prefix policy: most extra requests in flight on it vs the least loaded (default: %(default)s)",
+    )
+    p.add_argument(
+        "--index-chunks",
+        type=int,
+        default=default["index_entries"],
+        help="prefix index size in 128-character chunks, ~120 bytes each (default: 2^20)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=default["health_interval_s"],
+        help="seconds between health checks (default: %(default)s)",
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $KVTROVE_API_KEY)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (413 above)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -153,6 +190,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    """The KV-aware front door for several `kvtrove serve` engines."""
+    import uvicorn
+
+    from kvtrove.config import api_key_from_env
+    from kvtrove.router.app import create_router_app
+    from kvtrove.router.config import RouterConfig
+
+    config = RouterConfig(
+        engines=args.engine,
+        policy=args.policy,
+        min_match=args.min_match,
+        max_imbalance=args.max_imbalance,
+        index_entries=args.index_chunks,
+        health_interval_s=args.health_interval,
+        api_key=args.api_key or api_key_from_env(),
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
+    app = create_router_app(config)
+    auth = "bearer auth on" if config.api_key else "no auth"
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"routing {where} to {len(config.engines)} engine(s), policy {config.policy} ({auth})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
 def _cached(out) -> str:
     tiers = ", ".join(f"{t} {n}" for t, n in out.cached_tokens_by_tier.items() if n)
     return f"{out.cached_tokens} ({tiers})" if tiers else "0"
@@ -233,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (413 above)")
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    router = sub.add_parser("router", help="one OpenAI-compatible front door for several engines, KV-aware")
+    add_router_flags(router)
+    router.set_defaults(func=cmd_router)
     bench = sub.add_parser("bench", help="run a benchmark: core (engine vs HF and llama.cpp), kv_store, server")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")

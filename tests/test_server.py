@@ -38,27 +38,36 @@ def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY
         return e.code, e.read()
 
 
-def start_server(smollm_path, tmp_path_factory, *extra: str):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "kvtrove.cli", "serve", "--port", str(port), "--api-key", KEY]
-    cmd += ["--model", smollm_path, "--kv-disk-gb", "0", *extra]
+def launch(tmp_path_factory, *args: str, port: int | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """`python -m kvtrove.cli ARGS --port P` on loopback (a free port by default): (process, base URL, log)."""
+    port = port or free_port()
+    log = tmp_path_factory.mktemp(args[0]) / f"{args[0]}.log"
+    cmd = [sys.executable, "-m", "kvtrove.cli", *args, "--port", str(port)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_up(proc: subprocess.Popen, base: str, log: Path, ready: tuple[int, ...] = (200,), timeout: float = 300):
+    """Wait until GET /health answers with a status in `ready`."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
         try:
-            if http("GET", base + "/health")[0] == 200:
-                break
+            if http("GET", base + "/health")[0] in ready:
+                return
         except OSError:
             pass
         time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not come up: {log.read_text()}")
+    proc.kill()
+    raise RuntimeError(f"server did not come up: {log.read_text()}")
+
+
+def start_server(smollm_path, tmp_path_factory, *extra: str):
+    flags = ("--api-key", KEY, "--model", smollm_path, "--kv-disk-gb", "0", *extra)
+    proc, base, log = launch(tmp_path_factory, "serve", *flags)
+    wait_up(proc, base, log)
     return proc, base
 
 

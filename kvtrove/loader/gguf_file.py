@@ -50,14 +50,16 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 def open_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoConfig, AutoTokenizer
 
-    conv = _converted(path)
+    conv = converted(path)
     meta = json.loads((conv / "tensors.json").read_text())
     hf_config = AutoConfig.from_pretrained(conv)
     tokenizer = AutoTokenizer.from_pretrained(conv)
     return hf_config, tokenizer, _tensors(path, meta, hf_config, dtype), [path]
 
 
-def _converted(path: Path) -> Path:
+def converted(path: Path) -> Path:
+    """The folder with the HF config, tokenizer and tensor map made from this GGUF's metadata; made once
+    per file (keyed by path, size and time) in the cache dir and reused."""
     st = path.stat()
     key = xxhash.xxh3_64_hexdigest(f"{FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "gguf" / key

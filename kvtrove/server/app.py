@@ -6,56 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvtrove.outputs import RequestOutput
 from kvtrove.server.async_engine import AsyncEngine, QueueFull
+from kvtrove.server.http import ApiError, BodyLimit, error_body, sse
 from kvtrove.server.metrics import Metrics
 from kvtrove.server.protocol import ChatCompletionRequest, CompletionRequest
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def error_body(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it whole."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = error_body(413, f"request body is larger than {self.limit} bytes", "invalid_request_error")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, f"request body is larger than {self.limit} bytes")
-            return message
-
-        return await self.app(scope, limited, send)
 
 
 def create_app(
@@ -291,10 +255,6 @@ async def stream_response(events: AsyncIterator[str]) -> Response:
             yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
 
     return StreamingResponse(rest(), media_type="text/event-stream")
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def usage(finals: list[RequestOutput]) -> dict:

@@ -89,6 +89,7 @@ class _EngineState:
             ("misses", "Chunks asked for and not found"),
             ("evictions", "Chunks evicted"),
             ("rejected", "Bad chunks found and deleted"),
+            ("errors", "Failed calls to the tier's medium (I/O errors, pool timeouts and connection failures)"),
             ("bytes_read", "Bytes read"),
             ("bytes_written", "Bytes written"),
             ("tokens_saved", "Prompt tokens loaded instead of recomputed"),
