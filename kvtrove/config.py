@@ -41,6 +41,10 @@ def api_key_from_env() -> str | None:
     return os.environ.get("KVTROVE_API_KEY") or None
 
 
+QUANT_SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
 def opt(default, help: str):
     """A config field with its help text (shown by the CLI)."""
     return field(default=default, metadata={"help": help})
@@ -67,9 +71,18 @@ class ModelConfig:
         "use, torch ops otherwise.",
     )
 
+    quantize: str | None = opt(
+        None, "Weight-only quantization of the linear layers at load: int8 (per channel) or int4 (per group)."
+    )
+    quantize_group_size: int = opt(32, "Weights per int4 group (32, 64, 128 or 256).")
+
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = default_model_path()
+        if self.quantize not in (None, *QUANT_SCHEMES):
+            raise ValueError(f"quantize must be one of {QUANT_SCHEMES} or None, got {self.quantize!r}")
+        if self.quantize_group_size not in GROUP_SIZES:
+            raise ValueError(f"quantize_group_size must be one of {GROUP_SIZES}, got {self.quantize_group_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

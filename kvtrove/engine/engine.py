@@ -7,6 +7,7 @@ import logging
 import time
 
 import torch
+import xxhash
 
 from kvtrove.config import CacheConfig, EngineConfig
 from kvtrove.engine.block_pool import BlockPool
@@ -23,6 +24,7 @@ from kvtrove.kv.tiers.disk import DiskTier
 from kvtrove.kv.tiers.host import HostTier
 from kvtrove.kv.tiers.remote import open_remote
 from kvtrove.layers.kernels import cpu_kernels
+from kvtrove.layers.quant import quantize_model
 from kvtrove.loader import load_checkpoint
 from kvtrove.models.registry import build_model
 from kvtrove.outputs import CompletionOutput, RequestOutput
@@ -90,6 +92,12 @@ class Engine:
         self.max_model_len = config.model.max_model_len or context
         kernels = cpu_kernels() if config.model.cpu_kernels else None
         self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype, kernels)
+        cost = recompute_cost(self.model)  # FLOPs: the same quantized or not
+        if config.model.quantize:
+            quantize_model(self.model, config.model.quantize, config.model.quantize_group_size)
+            # other weights, other KV: never share stored KV with the float model
+            scheme = f"{config.model.quantize}/{config.model.quantize_group_size}".encode()
+            self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + scheme)
         cc = config.cache
         per_block = ModelRunner.bytes_per_block(self.model, cc.block_size, dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_gb * 2**30) // per_block)
@@ -97,9 +105,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
         self.break_even = BreakEven(per_block // cc.block_size)
         self.store = build_store(cc, self.fingerprint, dtype, self.break_even)
-        kv = KVCacheManager(
-            self.pool, cc.block_size, self.fingerprint, self.store, self.runner, recompute_cost(self.model)
-        )
+        kv = KVCacheManager(self.pool, cc.block_size, self.fingerprint, self.store, self.runner, cost)
         self.scheduler = Scheduler(config.scheduler, kv)
         self._closed = False
         self.groups: dict[str, list[Request]] = {}
