@@ -58,8 +58,9 @@ def build_store(cc: CacheConfig, fingerprint: bytes, dtype: torch.dtype, break_e
 
 
 def recompute_cost(model: torch.nn.Module) -> RecomputeCost:
-    """Prefill FLOPs per token: 2 per weight of the decoder layers' linear layers, and 4 per head dim per
-    head per layer for each earlier token attended to (QK^T and PV)."""
+    """Prefill FLOPs per token: 2 per weight of the decoder layers' linear layers (of MoE experts, those a
+    token runs through), and 4 per head dim per head per layer for each earlier token attended to (QK^T
+    and PV)."""
     linear = sum(
         m.weight.numel()
         for name, m in model.named_modules()
@@ -68,6 +69,7 @@ def recompute_cost(model: torch.nn.Module) -> RecomputeCost:
         and not isinstance(m, torch.nn.Embedding)
         and "lm_head" not in name
     )
+    linear += sum(m.active_params() for m in model.modules() if hasattr(m, "active_params"))  # MoE experts
     attn = model.attention_layers
     return RecomputeCost(2.0 * linear, 4.0 * len(attn) * attn[0].num_heads * attn[0].head_dim)
 

@@ -1,4 +1,5 @@
-"""Llama-family decoders: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), SmolLM.
+"""Llama-family decoders: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), SmolLM; the body of the
+MoE models too (`moe.py` swaps the MLPs).
 
 Legend: T = tokens in the step, E = hidden size, H/K = query/KV heads, D = head dim.
 """
@@ -27,11 +28,11 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         bias = bool(getattr(cfg, "attention_bias", False))
-        qkv_bias = bias or cfg.model_type == "qwen2"
+        qkv_bias = bias or cfg.model_type in ("qwen2", "qwen2_moe")
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv], bias=qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=bias)
-        self.qk_norm = cfg.model_type == "qwen3"
+        self.qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -49,11 +50,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, intermediate_size: int | None = None):
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter] * 2, bias=bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
         self.act = SiluAndMul()
@@ -63,12 +65,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, meta: AttentionMetadata):
         """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
@@ -81,10 +83,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg, max_positions: int, dtype: torch.dtype, make_mlp):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rotary = RotaryEmbedding(cfg, head_dim, max_positions, dtype)
@@ -107,9 +109,16 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    renames: dict[str, str] = {}
+    """Checkpoint name parts -> ours (e.g. Mixtral's `.block_sparse_moe.` is our `.mlp.`)."""
+
+    @staticmethod
+    def make_mlp(cfg, layer: int) -> nn.Module:
+        return LlamaMLP(cfg)
+
     def __init__(self, cfg, max_positions: int, dtype: torch.dtype):
         super().__init__()
-        self.model = LlamaModel(cfg, max_positions, dtype)
+        self.model = LlamaModel(cfg, max_positions, dtype, self.make_mlp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.tie_weights()

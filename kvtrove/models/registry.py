@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -9,12 +10,18 @@ from torch import nn
 
 from kvtrove.layers.linear import use_cpu_kernels
 from kvtrove.models.llama import LlamaForCausalLM
+from kvtrove.models.moe import MoEForCausalLM
+
+EXPERT_TENSOR = re.compile(r"(.+)\.experts\.(\d+)\.(\w+)\.weight$")
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MoEForCausalLM,
+    "Qwen2MoeForCausalLM": MoEForCausalLM,
+    "Qwen3MoeForCausalLM": MoEForCausalLM,
 }
 # For configs without `architectures` (e.g. built from GGUF metadata).
 MODEL_TYPES: dict[str, type[nn.Module]] = {
@@ -22,6 +29,9 @@ MODEL_TYPES: dict[str, type[nn.Module]] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "mixtral": MoEForCausalLM,
+    "qwen2_moe": MoEForCausalLM,
+    "qwen3_moe": MoEForCausalLM,
 }
 
 
@@ -63,7 +73,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     packed = getattr(model, "packed_modules", {})
+    renames = getattr(model, "renames", {})
     for name, tensor in weights:
+        for theirs, ours in renames.items():
+            name = name.replace(theirs, ours)
+        expert = EXPERT_TENSOR.match(name)
+        if expert and hasattr(experts := model.get_submodule(f"{expert[1]}.experts"), "load_expert"):
+            experts.load_expert(int(expert[2]), expert[3], tensor)
+            loaded.add(f"{expert[1]}.experts#{expert[2]}.{expert[3]}")
+            continue
         module_name, _, param = name.rpartition(".")
         parent, _, leaf = module_name.rpartition(".")
         if leaf in packed:
@@ -87,7 +105,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     for name, _ in model.named_parameters(remove_duplicate=False):
         module_name, _, param = name.rpartition(".")
         mod = model.get_submodule(module_name)
-        if hasattr(mod, "offsets"):
+        if hasattr(mod, "load_expert"):
+            n = mod.w13.shape[0]
+            if not all(f"{module_name}#{e}.{leaf}" in loaded for e in range(n) for leaf in mod.leaves):
+                missing.append(name)
+        elif hasattr(mod, "offsets"):
             if not all(f"{name}#{i}" in loaded for i in range(len(mod.offsets) - 1)):
                 missing.append(name)
         elif name not in loaded and not _is_tied(model, name):

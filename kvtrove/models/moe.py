@@ -1,0 +1,114 @@
+"""Mixture-of-experts decoders on the Llama-family body: Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE.
+
+Only the MLP changes: a router picks `top_k` experts per token, and tokens are grouped per expert so
+each chosen expert runs one matmul pair per step over all its tokens (not one per token). Experts are
+stacked ([E, 2I, E_h] gate+up, [E, E_h, I] down) and loaded from the checkpoints' per-expert tensors
+(HF names: `experts.<e>.w1/w3/w2` for Mixtral, `experts.<e>.gate_proj/up_proj/down_proj` for Qwen).
+
+Legend: T = tokens, E_h = hidden size, I = expert intermediate size, X = experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvtrove.models.llama import LlamaForCausalLM, LlamaMLP
+
+# checkpoint leaf name -> (stacked parameter, row block): gate and up share w13, down is w2
+EXPERT_LEAVES = {
+    "w1": ("w13", 0),
+    "w3": ("w13", 1),
+    "w2": ("w2", 0),
+    "gate_proj": ("w13", 0),
+    "up_proj": ("w13", 1),
+    "down_proj": ("w2", 0),
+}
+
+
+class Experts(nn.Module):
+    """`num_experts` SiLU-gated MLPs, stacked."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, top_k: int, leaves: tuple[str, str, str]):
+        super().__init__()
+        self.top_k = top_k
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
+        self.inter = inter
+        self.leaves = leaves
+        """The checkpoint's names for gate, up and down."""
+
+    def active_params(self) -> int:
+        """Weights one token runs through (its `top_k` experts), for the recompute cost."""
+        return (self.w13[0].numel() + self.w2[0].numel()) * self.top_k
+
+    def load_expert(self, expert: int, leaf: str, tensor: torch.Tensor) -> None:
+        target, block = EXPERT_LEAVES[leaf]
+        dest = getattr(self, target)[expert]
+        if target == "w13":
+            dest = dest[block * self.inter : (block + 1) * self.inter]
+        if tensor.shape != dest.shape:
+            raise ValueError(f"expert {expert} {leaf} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """x [T, E_h]; weights, chosen [T, k]: each token's experts and their weights."""
+        T, k = chosen.shape
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
+        token_of = order // k
+        w_sorted = weights.reshape(-1)[order].unsqueeze(1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            rows = token_of[start : start + n]
+            gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[e])
+            out.index_add_(0, rows, y * w_sorted[start : start + n].to(y.dtype))
+            start += n
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        mixtral = cfg.model_type == "mixtral"
+        self.num_experts = cfg.num_local_experts if mixtral else cfg.num_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk = True if mixtral else bool(getattr(cfg, "norm_topk_prob", False))
+        inter = cfg.intermediate_size if mixtral else cfg.moe_intermediate_size
+        self.gate = nn.Linear(cfg.hidden_size, self.num_experts, bias=False)
+        leaves = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        self.experts = Experts(self.num_experts, cfg.hidden_size, inter, self.top_k, leaves)
+        shared = getattr(cfg, "shared_expert_intermediate_size", 0) or 0
+        self.shared_expert = LlamaMLP(cfg, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.experts(x, weights.to(x.dtype), chosen)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+def is_sparse(cfg, layer: int) -> bool:
+    if cfg.model_type == "mixtral":
+        return True
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    return layer not in (getattr(cfg, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    renames = {".block_sparse_moe.": ".mlp."}
+
+    @staticmethod
+    def make_mlp(cfg, layer: int) -> nn.Module:
+        return SparseMoE(cfg) if is_sparse(cfg, layer) else LlamaMLP(cfg)
