@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kvtrove import LLM, SamplingParams
 from kvtrove.layers.quant import Int4Linear, Int8Linear, quantize_model
-from tests.helpers import prompt_logits
+from tests.helpers import assert_all_blocks_free, prompt_logits
 
 LICENSE = Path("/usr/share/common-licenses/Apache-2.0")
 TEXT = LICENSE if LICENSE.exists() else Path(__file__).parent.parent / "README.md"
@@ -97,3 +97,33 @@ def test_smollm_quantized_nll(smollm_path, text_ids, scheme, bound):
         ):
             out = llm.chat([{"role": "user", "content": question}], greedy)[0]
             assert answer in out.text, (scheme, question, out.text)
+
+
+# gate * up then down: three projections' errors compound (int4 on Gaussian weights is ~8% per layer)
+@pytest.mark.parametrize("scheme,bound", [("int8", 0.02), ("int4", 0.2)])
+def test_quantized_experts_are_close_to_float(scheme, bound):
+    from kvtrove.layers.quant import QuantizedExperts
+    from kvtrove.models.moe import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(8, 64, 96, 2, ("gate_proj", "up_proj", "down_proj"))
+    experts.w13.data.normal_(0, 0.05)
+    experts.w2.data.normal_(0, 0.05)
+    x = torch.randn(20, 64)
+    weights, chosen = torch.randn(20, 8).softmax(-1).topk(2)
+    ref = experts(x, weights, chosen)
+    got = QuantizedExperts(experts, scheme, 32)(x, weights, chosen)
+    assert ((got - ref).norm() / ref.norm()).item() < bound
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe"])
+def test_moe_model_quantized_end_to_end(tiny_model, arch):
+    from kvtrove.layers.quant import QuantizedExperts
+
+    llm = LLM(model=str(tiny_model(arch)), quantize="int4", num_blocks=16, kv_host_gb=0, kv_disk_gb=0)
+    mlps = [layer.mlp for layer in llm.engine.model.model.layers if hasattr(layer.mlp, "experts")]
+    assert mlps and all(isinstance(m.experts, QuantizedExperts) for m in mlps)
+    assert not any(isinstance(m.gate, Int8Linear | Int4Linear) for m in mlps)  # routers stay float
+    outs = llm.generate(["one two three", "four five"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert_all_blocks_free(llm)

@@ -14,6 +14,7 @@ computes in bfloat16 and returns the caller's dtype. Model files stay free of qu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvtrove.config import GROUP_SIZES
@@ -81,6 +82,25 @@ class Int4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class QuantizedExperts(nn.Module):
+    """A MoE layer's stacked experts (`models.moe.Experts`), each projection quantized on its own."""
+
+    def __init__(self, experts: nn.Module, scheme: str, group_size: int):
+        super().__init__()
+        self.num_experts, self.top_k = experts.w13.shape[0], experts.top_k
+        self.w13 = nn.ModuleList(quantized(w.detach(), None, scheme, group_size) for w in experts.w13)
+        self.w2 = nn.ModuleList(quantized(w.detach(), None, scheme, group_size) for w in experts.w2)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13[e](x).chunk(2, dim=-1)
+        return self.w2[e](F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        from kvtrove.models.moe import run_grouped
+
+        return run_grouped(self.expert, self.num_experts, x, weights, chosen)
+
+
 def quantized(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, group_size: int = 32) -> nn.Module:
     if scheme == "int8":
         return Int8Linear(weight, bias)
@@ -90,18 +110,30 @@ def quantized(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, grou
 
 
 def quantize_model(
-    model: nn.Module, scheme: str, group_size: int = 32, int8_only: tuple[str, ...] = ("lm_head",)
+    model: nn.Module,
+    scheme: str,
+    group_size: int = 32,
+    int8_only: tuple[str, ...] = ("lm_head",),
+    keep: tuple[str, ...] = ("gate", "shared_expert_gate"),
 ) -> int:
-    """Replace every linear layer of `model` (plain or kvtrove's CPU ones) by its quantized form. Layers
-    named in `int8_only` (the output head: every token's logits, the most sensitive matrix) and layers
-    the int4 kernel cannot take (input not a multiple of the group size, output not of 16) get int8.
-    Returns the layers replaced."""
+    """Replace every linear layer of `model` (plain or kvtrove's CPU ones) and every MoE layer's experts by
+    their quantized form. Layers named in `int8_only` (the output head: every token's logits, the most
+    sensitive matrix) and layers the int4 kernel cannot take (input not a multiple of the group size,
+    output not of 16) get int8; layers named in `keep` (MoE routers: small, and their choice is
+    discrete) stay as they are. Returns the layers replaced."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear | CpuLinear):
+            if hasattr(child, "load_expert"):  # a MoE layer's stacked experts
+                fits = scheme == "int8" or (
+                    child.w2.shape[2] % group_size == 0 and child.w13.shape[2] % group_size == 0
+                )
+                setattr(parent, name, QuantizedExperts(child, scheme if fits else "int8", group_size))
+                n += 1
+                continue
+            if not isinstance(child, nn.Linear | CpuLinear) or name in keep:
                 continue
             weight, bias = child.weight.detach(), child.bias
             n_out, k_in = weight.shape

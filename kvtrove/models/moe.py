@@ -52,25 +52,33 @@ class Experts(nn.Module):
             raise ValueError(f"expert {expert} {leaf} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
         dest.copy_(tensor)
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """x [T, E_h]; weights, chosen [T, k]: each token's experts and their weights."""
-        T, k = chosen.shape
-        flat = chosen.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
-        token_of = order // k
-        w_sorted = weights.reshape(-1)[order].unsqueeze(1)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if not n:
-                continue
-            rows = token_of[start : start + n]
-            gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[e])
-            out.index_add_(0, rows, y * w_sorted[start : start + n].to(y.dtype))
-            start += n
-        return out
+        return run_grouped(self.expert, self.w13.shape[0], x, weights, chosen)
+
+
+def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
+    """sum_j weights[t, j] * expert(chosen[t, j], x[t]) for every token t, one `expert(e, rows)` call per
+    chosen expert. x [T, E_h]; weights, chosen [T, k]."""
+    k = chosen.shape[1]
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    token_of = order // k
+    w_sorted = weights.reshape(-1)[order].unsqueeze(1)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        rows = token_of[start : start + n]
+        y = expert(e, x[rows])
+        out.index_add_(0, rows, y * w_sorted[start : start + n].to(y.dtype))
+        start += n
+    return out
 
 
 class SparseMoE(nn.Module):
