@@ -29,9 +29,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scale.to(COMPUTE)
-        self.bias = None if bias is None else bias.float()
+        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(COMPUTE))
+        self.register_buffer("bias", None if bias is None else bias.float())
         self.out_features, self.in_features = weight.shape
 
     def dequantized(self) -> torch.Tensor:
@@ -60,12 +60,12 @@ class Int4Linear(nn.Module):
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
         zero = lo + 8 * scale
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
         # [k / group, n, 2]: per group and output channel, (scale, zero)
-        self.scales_and_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1)
-        self.scales_and_zeros = self.scales_and_zeros.contiguous().to(COMPUTE)
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1)
+        self.register_buffer("scales_and_zeros", sz.contiguous().to(COMPUTE))
         self.group_size = group_size
-        self.bias = None if bias is None else bias.float()
+        self.register_buffer("bias", None if bias is None else bias.float())
         self.out_features, self.in_features = n, k
 
     def dequantized(self) -> torch.Tensor:
