@@ -36,3 +36,19 @@ def assert_all_blocks_free(llm) -> None:
         f"{eng.pool.num_blocks - eng.pool.num_free_blocks} KV blocks still held"
     )
     assert all(b.ref_cnt == 0 for b in eng.pool.blocks)
+
+
+def drop_stream_early(client, model: str, after: int = 3) -> None:
+    """Start a long streaming chat answer and leave after `after` chunks (a client going away)."""
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _ in enumerate(stream):
+        if i == after:
+            break
+    stream.close()

@@ -32,6 +32,20 @@ def valkey_binary() -> str | None:
         return shutil.which("valkey-server") or shutil.which("redis-server")
 
 
+def check_tier_contract(tier) -> list[bytes]:
+    """What every remote tier must do, on a fresh namespace: batched get / exists / prefix hits / stream,
+    a miss is None, an existing key keeps its value. Returns the keys (the first three are stored)."""
+    keys = [bytes([i]) * 16 for i in range(5)]
+    tier.put([(k, b"v%d" % i * 1000, 0.0) for i, k in enumerate(keys[:3])])
+    assert tier.get(keys) == [b"v0" * 1000, b"v1" * 1000, b"v2" * 1000, None, None]
+    assert tier.exists(keys) == [True, True, True, False, False]
+    assert tier.prefix_hits(keys) == 3
+    assert list(tier.stream(keys)) == tier.get(keys)
+    tier.put([(keys[0], b"other", 0.0)])  # same key, same content: the first value stays
+    assert tier.get(keys[:1]) == [b"v0" * 1000]
+    return keys
+
+
 class Valkey:
     def __init__(self, workdir: Path, *args: str):
         binary = valkey_binary()

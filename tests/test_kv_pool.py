@@ -18,7 +18,7 @@ from kvtrove.kv.keys import chain_keys
 from kvtrove.kv.tiers.redis import RedisTier
 from kvtrove.kv.tiers.remote import open_remote
 from tests.helpers import assert_all_blocks_free
-from tests.pools import TlsProxy, Valkey, free_port
+from tests.pools import TlsProxy, Valkey, check_tier_contract, free_port
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 BS = 16
@@ -67,14 +67,7 @@ def forget_local(llm: LLM) -> None:
 def test_tier_round_trip_namespacing_and_no_overwrite(valkey):
     tier = open_remote(valkey.url, "team-a", FP, timeout_s=1.0, cooldown_s=1.0)
     assert isinstance(tier, RedisTier)
-    keys = [bytes([i]) * 16 for i in range(5)]
-    tier.put([(k, b"v%d" % i * 1000, 0.0) for i, k in enumerate(keys[:3])])
-    assert tier.get(keys) == [b"v0" * 1000, b"v1" * 1000, b"v2" * 1000, None, None]
-    assert tier.exists(keys) == [True, True, True, False, False]
-    assert tier.prefix_hits(keys) == 3
-    assert list(tier.stream(keys)) == tier.get(keys)
-    tier.put([(keys[0], b"other", 0.0)])  # same key, same content: the first value stays
-    assert tier.get(keys[:1]) == [b"v0" * 1000]
+    keys = check_tier_contract(tier)
     stored = valkey.client().keys("*")
     assert len(stored) == 3 and all(k.startswith(b"team-a:" + FP.hex().encode() + b":") for k in stored)
     other = open_remote(valkey.url, "team-b", FP, timeout_s=1.0, cooldown_s=1.0)

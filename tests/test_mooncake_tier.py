@@ -19,7 +19,7 @@ from kvtrove import LLM, SamplingParams
 from kvtrove.kv.tiers.mooncake import MooncakeTier, import_store, install_hint
 from kvtrove.kv.tiers.remote import open_remote
 from tests.helpers import assert_all_blocks_free
-from tests.pools import free_port
+from tests.pools import check_tier_contract, free_port
 
 try:
     import_store()
@@ -153,14 +153,7 @@ def test_pool_down_reads_miss_within_the_timeout_and_the_breaker_opens(caplog):
 @needs_mooncake
 def test_tier_round_trip_namespacing_and_no_overwrite(pool):
     tier = open_remote(pool.url(segment_mb=64), "team-a", FP, timeout_s=5.0, cooldown_s=1.0)
-    keys = [bytes([i]) * 16 for i in range(5)]
-    tier.put([(k, b"v%d" % i * 1000, 0.0) for i, k in enumerate(keys[:3])])
-    assert tier.get(keys) == [b"v0" * 1000, b"v1" * 1000, b"v2" * 1000, None, None]
-    assert tier.exists(keys) == [True, True, True, False, False]
-    assert tier.prefix_hits(keys) == 3
-    assert list(tier.stream(keys)) == tier.get(keys)
-    tier.put([(keys[0], b"other", 0.0)])  # same key, same content: the first value stays
-    assert tier.get(keys[:1]) == [b"v0" * 1000]
+    keys = check_tier_contract(tier)
     full = f"team-a:{FP.hex()}:{keys[0].hex()}"
     assert tier.client.is_exist(full) == 1
     other = open_remote(pool.url(segment_mb=0), "team-b", FP, timeout_s=5.0, cooldown_s=1.0)

@@ -28,6 +28,7 @@ from kvtrove.router.app import create_router_app
 from kvtrove.router.config import RouterConfig
 from kvtrove.router.policy import Candidate, Choice, LeastLoaded, PrefixAware, RoundRobin
 from kvtrove.router.prefix_index import PrefixIndex, request_text
+from tests.helpers import drop_stream_early
 from tests.test_server import KEY, http, launch, metric, wait_blocks_free, wait_up
 
 # ---- the prefix index and the policies ------------------------------------------------------------------
@@ -371,18 +372,7 @@ def test_bad_input_gets_openai_errors_and_the_router_keeps_serving(cluster, mode
 
 def test_a_client_leaving_a_stream_frees_the_engine(cluster, model):
     client = openai.OpenAI(base_url=cluster.router + "/v1", api_key=KEY, max_retries=0)
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
-        max_tokens=400,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    for i, _ in enumerate(stream):
-        if i == 3:
-            break
-    stream.close()
+    drop_stream_early(client, model)
     for engine in cluster.engines:
         wait_blocks_free(engine)
     wait_until(lambda: all(e["in_flight"] == 0 for e in health(cluster.router)[1]["engines"]), timeout=10)

@@ -16,6 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.helpers import drop_stream_early
+
 KEY = "test-key-123"
 
 
@@ -189,18 +191,7 @@ def test_concurrent_streaming_clients(server, client, model):
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server, client, model):
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
-        max_tokens=400,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    for i, _ in enumerate(stream):
-        if i == 3:
-            break
-    stream.close()
+    drop_stream_early(client, model)
     wait_blocks_free(server)
 
 
