@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from bench.core import hardware, read_bandwidth
+from kvtrove.layers.kernels import cpu_kernels
 from kvtrove.layers.quant import QuantizedExperts
 from kvtrove.models.moe import SparseMoE
 
@@ -26,7 +27,7 @@ def layer(cfg, scheme: str, group: int) -> SparseMoE:
     moe.experts.w13.data.normal_(0, 0.02)
     moe.experts.w2.data.normal_(0, 0.02)
     if scheme != "float":
-        moe.experts = QuantizedExperts(moe.experts, scheme, group)  # frees the float experts
+        moe.experts = QuantizedExperts(moe.experts, scheme, group, cpu_kernels())  # frees the float experts
     return moe.eval()
 
 

@@ -96,7 +96,7 @@ class Engine:
         self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype, kernels)
         cost = recompute_cost(self.model)  # FLOPs: the same quantized or not
         if config.model.quantize:
-            quantize_model(self.model, config.model.quantize, config.model.quantize_group_size)
+            quantize_model(self.model, config.model.quantize, config.model.quantize_group_size, kernels=kernels)
             # other weights, other KV: never share stored KV with the float model
             scheme = f"{config.model.quantize}/{config.model.quantize_group_size}".encode()
             self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + scheme)

@@ -1,14 +1,14 @@
-"""Weight-only quantized linear layers on PyTorch's CPU kernels, and the module swap that installs them.
+"""Weight-only quantized linear layers for the CPU, and the module swap that installs them.
 
 Decode reads every weight once per token, so fewer bytes per weight is more tokens per second.
-- `int8`: one int8 per weight, a scale per output channel (symmetric, round to nearest);
-  `aten._weight_int8pack_mm`.
-- `int4`: 4 bits per weight in groups of `group_size` along the input, a scale and an offset per
-  group (asymmetric: w ~ (q - 8) * scale + zero, q in 0..15); `aten._weight_int4pack_mm_for_cpu`
-  on the weight packed by `aten._convert_weight_to_int4pack_for_cpu`.
-Both kernels are fast with bfloat16 activations and scales (15-25x slower with float32), so a layer
-computes in bfloat16 and returns the caller's dtype. Model files stay free of quantization code:
-`quantize_model` replaces their linear layers after loading.
+- `int8`: one int8 per weight, a scale per output channel (symmetric, round to nearest), on
+  PyTorch's `aten._weight_int8pack_mm`, which is fast with bfloat16 activations and scales (15-25x
+  slower with float32), so the layer computes in bfloat16 and returns the caller's dtype.
+- `int4`: 4 bits per weight in groups of `group_size` along the input, a float32 scale and minimum per
+  group (w ~ q * scale + min, q in 0..15), on kvtrove's C++ kernel: PyTorch's
+  `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (measured),
+  a third of the memory bound decode could reach.
+Model files stay free of quantization code: `quantize_model` replaces their linear layers after loading.
 """
 
 from __future__ import annotations
@@ -46,50 +46,58 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32):
+    """4-bit weights in groups along the input: w ~ q * scale + min, q in 0..15 (round to nearest between
+    the group's min and max). Runs on kvtrove's C++ kernel (`csrc/q4_linear.cpp`, scales kept in
+    float32); without it, on the weight dequantized per call (slow, same math)."""
+
+    kernels = None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32, kernels=None):
         super().__init__()
         n, k = weight.shape
         if group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
         if k % group_size:
             raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size ({group_size})")
-        if n % 16:
-            raise ValueError(f"int4 needs the output size ({n}) to be a multiple of 16 (the kernel's packing)")
         w = weight.float().view(n, k // group_size, group_size)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
-        zero = lo + 8 * scale
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-        # [k / group, n, 2]: per group and output channel, (scale, zero)
-        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1)
-        self.register_buffer("scales_and_zeros", sz.contiguous().to(COMPUTE))
-        self.group_size = group_size
+        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.uint8).view(n, k // 32, 32)
+        # the kernel's unit is 32 weights: byte j of a unit holds weights j (low nibble) and j + 16
+        self.register_buffer("qweight", (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous())
+        per32 = group_size // 32
+        self.register_buffer("scales", scale.view(n, -1).repeat_interleave(per32, 1).contiguous())
+        self.register_buffer("mins", lo.view(n, -1).repeat_interleave(per32, 1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.group_size = group_size
+        self.kernels = kernels
         self.out_features, self.in_features = n, k
 
     def dequantized(self) -> torch.Tensor:
-        """The weight the kernel computes with (unpacked by multiplying the identity)."""
-        eye = torch.eye(self.in_features, dtype=COMPUTE)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros).t()
+        n, k = self.out_features, self.in_features
+        packed = self.qweight.view(n, k // 32, 16)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).view(n, k // 32, 32).float()
+        return (q * self.scales[..., None] + self.mins[..., None]).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.kernels is not None:
+            y = self.kernels.q4_linear(x2, self.qweight, self.scales, self.mins)
+        else:
+            y = x2 @ self.dequantized().t()
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 class QuantizedExperts(nn.Module):
     """A MoE layer's stacked experts (`models.moe.Experts`), each projection quantized on its own."""
 
-    def __init__(self, experts: nn.Module, scheme: str, group_size: int):
+    def __init__(self, experts: nn.Module, scheme: str, group_size: int, kernels=None):
         super().__init__()
         self.num_experts, self.top_k = experts.w13.shape[0], experts.top_k
-        self.w13 = nn.ModuleList(quantized(w.detach(), None, scheme, group_size) for w in experts.w13)
-        self.w2 = nn.ModuleList(quantized(w.detach(), None, scheme, group_size) for w in experts.w2)
+        self.w13 = nn.ModuleList(quantized(w.detach(), None, scheme, group_size, kernels) for w in experts.w13)
+        self.w2 = nn.ModuleList(quantized(w.detach(), None, scheme, group_size, kernels) for w in experts.w2)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13[e](x).chunk(2, dim=-1)
@@ -101,11 +109,13 @@ class QuantizedExperts(nn.Module):
         return run_grouped(self.expert, self.num_experts, x, weights, chosen)
 
 
-def quantized(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, group_size: int = 32) -> nn.Module:
+def quantized(
+    weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, group_size: int = 32, kernels=None
+) -> nn.Module:
     if scheme == "int8":
         return Int8Linear(weight, bias)
     if scheme == "int4":
-        return Int4Linear(weight, bias, group_size)
+        return Int4Linear(weight, bias, group_size, kernels)
     raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")
 
 
@@ -115,12 +125,13 @@ def quantize_model(
     group_size: int = 32,
     int8_only: tuple[str, ...] = ("lm_head",),
     keep: tuple[str, ...] = ("gate", "shared_expert_gate"),
+    kernels=None,
 ) -> int:
     """Replace every linear layer of `model` (plain or kvtrove's CPU ones) and every MoE layer's experts by
     their quantized form. Layers named in `int8_only` (the output head: every token's logits, the most
-    sensitive matrix) and layers the int4 kernel cannot take (input not a multiple of the group size,
-    output not of 16) get int8; layers named in `keep` (MoE routers: small, and their choice is
-    discrete) stay as they are. Returns the layers replaced."""
+    sensitive matrix) and layers whose input is not a multiple of the int4 group size get int8; layers
+    named in `keep` (MoE routers: small, and their choice is discrete) stay as they are. `kernels`:
+    kvtrove's compiled CPU kernels (the int4 layers need them to be fast). Returns the layers replaced."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")
     n = 0
@@ -137,7 +148,7 @@ def quantize_model(
                 continue
             weight, bias = child.weight.detach(), child.bias
             n_out, k_in = weight.shape
-            fits = scheme == "int8" or (k_in % group_size == 0 and n_out % 16 == 0 and name not in int8_only)
-            setattr(parent, name, quantized(weight, bias, scheme if fits else "int8", group_size))
+            fits = scheme == "int8" or (k_in % group_size == 0 and name not in int8_only)
+            setattr(parent, name, quantized(weight, bias, scheme if fits else "int8", group_size, kernels))
             n += 1
     return n

@@ -9,6 +9,8 @@ torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Te
 void rope_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
                 torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t num_heads);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
+                        const torch::Tensor& mins);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "single-token attention over the paged KV cache");
@@ -16,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "RMSNorm, after adding x into the residual in place when one is given");
   m.def("rope_store", &rope_store, "RoPE on q/k heads in place, then k/v into the paged cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("q4_linear", &q4_linear, "y = x W^T, W 4-bit per group of 32 (q * scale + min)");
 }
