@@ -47,11 +47,12 @@ def test_int4_layer_is_close_to_float(group):
     step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(group, 1)
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
     plain = Int4Linear(w, torch.ones(1536), group)  # no kernels: the dequantized weight, exactly
-    for tokens in (1, 3, 5, 16):
+    for tokens in (1, 3, 5, 16, 40):
         x = torch.randn(tokens, 1024)
         exact = x @ deq.t()
         got = layer(x)
-        assert ((got - exact).norm() / exact.norm()).item() < 0.015  # the kernel's int8 activations
+        # the kernel's int8 activations up to 16 tokens; the dequantized weight beyond
+        assert ((got - exact).norm() / exact.norm()).item() < (0.015 if tokens <= 16 else 1e-5)
         assert torch.allclose(plain(x), exact + 1, atol=1e-4)
         assert _layer_error(layer, w, b, x) < {32: 0.08, 64: 0.1, 128: 0.12}[group]
 

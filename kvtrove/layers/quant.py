@@ -22,6 +22,8 @@ from kvtrove.config import QUANT_SCHEMES as SCHEMES
 from kvtrove.layers.linear import CpuLinear
 
 COMPUTE = torch.bfloat16
+FEW_TOKENS = 16
+"""Up to this many tokens the int4 kernel; beyond, the weight dequantized per call and a float GEMM."""
 
 
 class Int8Linear(nn.Module):
@@ -48,7 +50,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """4-bit weights in groups along the input: w ~ q * scale + min, q in 0..15 (round to nearest between
     the group's min and max). Runs on kvtrove's C++ kernel (`csrc/q4_linear.cpp`, scales kept in
-    float32); without it, on the weight dequantized per call (slow, same math)."""
+    float32) for few tokens; prefill steps and machines without the kernel use the weight dequantized
+    per call with a float GEMM."""
 
     kernels = None
 
@@ -81,10 +84,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
-        if self.kernels is not None:
+        if self.kernels is not None and x2.shape[0] <= FEW_TOKENS:  # decode: bound by reading the weights
             y = self.kernels.q4_linear(x2, self.qweight, self.scales, self.mins)
-        else:
-            y = x2 @ self.dequantized().t()
+        else:  # prefill: bound by arithmetic, which a float GEMM does best (and exactly, with float activations)
+            y = F.linear(x2, self.dequantized())
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

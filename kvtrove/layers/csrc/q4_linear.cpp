@@ -21,6 +21,20 @@ namespace {
 constexpr int64_t G = 32;
 constexpr int MB = 4;  // tokens per pass over a row: each group's weights are unpacked once for MB tokens
 
+// Where activation j of group g goes in xq. With AVX2, groups are handled in pairs (one 32-byte load
+// covers two groups' weights: low nibbles = weights 0-15 of both, high nibbles = 16-31 of both), so a
+// pair's 64 activations are stored to match: [g 0-15 | g+1 0-15 | g 16-31 | g+1 16-31]; an unpaired
+// last group stays in order.
+inline int64_t slot(int64_t g, int64_t groups, int j) {
+#ifdef KVT_AVX2
+  if (groups % 2 == 0 || g + 1 < groups) {
+    const int64_t base = (g & ~int64_t(1)) * G;
+    return base + (g & 1) * 16 + (j < 16 ? j : 32 + (j - 16));
+  }
+#endif
+  return g * G + j;
+}
+
 // Per token and group: int8 activations, their scale, the sum of the original values, and 8 times the
 // sum of the rounding errors.
 void quantize_x(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* xsum, float* r8) {
@@ -28,6 +42,7 @@ void quantize_x(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, flo
   at::parallel_for(0, M * groups, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* v = x + i * G;
+      const int64_t m = i / groups, g = i % groups;
       float amax = 0.f, s = 0.f;
       for (int j = 0; j < G; ++j) {
         amax = std::max(amax, std::fabs(v[j]));
@@ -37,8 +52,9 @@ void quantize_x(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, flo
       const float inv = d > 0.f ? 1.f / d : 0.f;
       int32_t qs = 0;
       for (int j = 0; j < G; ++j) {
-        xq[i * G + j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
-        qs += xq[i * G + j];
+        const auto q = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+        xq[m * K + slot(g, groups, j)] = q;
+        qs += q;
       }
       dx[i] = d;
       xsum[i] = s;
@@ -54,9 +70,18 @@ inline __m256i unpack(const uint8_t* q) {
   const __m128i m4 = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
 }
-// The group's q . xq as 8 partial int32 sums, in float.
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// A group's q . xq as 8 partial int32 sums, in float.
 inline __m256 gdot(__m256i q, const int8_t* xq) {
-  const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+  const __m256i p16 = _mm256_maddubs_epi16(q, load32(xq));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+// Two groups' q . xq (xq in pair order): lanes 0-3 partial sums of group g, lanes 4-7 of g + 1.
+inline __m256 pdot(const uint8_t* q, const int8_t* xq) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+  const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load32(xq)), _mm256_maddubs_epi16(hi, load32(xq + 32)));
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 #endif
@@ -70,18 +95,37 @@ void rows(const uint8_t* qw, const float* scales, const float* mins, const int8_
     const float* sc = scales + n * groups;
     const float* mn = mins + n * groups;
 #ifdef KVT_AVX2
-    __m256 acc[MB];
-    for (int m = 0; m < mb; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m256i qv = unpack(q + g * (G / 2));
+    __m256 acc[MB], acc2[MB];  // two FMA chains in flight
+    for (int m = 0; m < mb; ++m) acc[m] = acc2[m] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= groups; g += 4) {
       for (int m = 0; m < mb; ++m) {
         const int64_t i = (m0 + m) * groups + g;
-        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * dx[i]), gdot(qv, xq + i * G), acc[m]);
+        const int8_t* xm = xq + i * G;
+        const __m256 s0 = _mm256_set_m128(_mm_set1_ps(sc[g + 1] * dx[i + 1]), _mm_set1_ps(sc[g] * dx[i]));
+        const __m256 s1 = _mm256_set_m128(_mm_set1_ps(sc[g + 3] * dx[i + 3]), _mm_set1_ps(sc[g + 2] * dx[i + 2]));
+        acc[m] = _mm256_fmadd_ps(s0, pdot(q + g * (G / 2), xm), acc[m]);
+        acc2[m] = _mm256_fmadd_ps(s1, pdot(q + (g + 2) * (G / 2), xm + 2 * G), acc2[m]);
+      }
+    }
+    for (; g + 2 <= groups; g += 2) {
+      for (int m = 0; m < mb; ++m) {
+        const int64_t i = (m0 + m) * groups + g;
+        const __m256 s0 = _mm256_set_m128(_mm_set1_ps(sc[g + 1] * dx[i + 1]), _mm_set1_ps(sc[g] * dx[i]));
+        acc[m] = _mm256_fmadd_ps(s0, pdot(q + g * (G / 2), xq + i * G), acc[m]);
+      }
+    }
+    if (g < groups) {
+      const __m256i q0 = unpack(q + g * (G / 2));
+      for (int m = 0; m < mb; ++m) {
+        const int64_t i = (m0 + m) * groups + g;
+        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * dx[i]), gdot(q0, xq + i * G), acc[m]);
       }
     }
     for (int m = 0; m < mb; ++m) {
       const int64_t i = (m0 + m) * groups;
-      y[(m0 + m) * N + n] = kvt::hsum(acc[m]) + kvt::dot(mn, xsum + i, groups) + kvt::dot(sc, r8 + i, groups);
+      y[(m0 + m) * N + n] = kvt::hsum(_mm256_add_ps(acc[m], acc2[m])) + kvt::dot(mn, xsum + i, groups) +
+                            kvt::dot(sc, r8 + i, groups);
     }
 #else
     for (int m = 0; m < mb; ++m) {
