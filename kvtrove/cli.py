@@ -151,7 +151,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("core", "kv_store", "server", "pool")
+BENCHMARKS = ("core", "kv_store", "server", "pool", "moe")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     router = sub.add_parser("router", help="one OpenAI-compatible front door for several engines, KV-aware")
     add_router_flags(router)
     router.set_defaults(func=cmd_router)
-    bench = sub.add_parser("bench", help="run a benchmark: core (engine vs HF and llama.cpp), kv_store, server, pool")
+    bench = sub.add_parser(
+        "bench", help="run a benchmark: core (engine vs HF and llama.cpp), kv_store, server, pool, moe"
+    )
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
     bench.set_defaults(func=cmd_bench)
