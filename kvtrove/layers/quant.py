@@ -53,8 +53,6 @@ class Int4Linear(nn.Module):
     float32) for few tokens; prefill steps and machines without the kernel use the weight dequantized
     per call with a float GEMM."""
 
-    kernels = None
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32, kernels=None):
         super().__init__()
         n, k = weight.shape
@@ -72,7 +70,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scale.view(n, -1).repeat_interleave(per32, 1).contiguous())
         self.register_buffer("mins", lo.view(n, -1).repeat_interleave(per32, 1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.group_size = group_size
         self.kernels = kernels
         self.out_features, self.in_features = n, k
 
