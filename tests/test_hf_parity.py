@@ -78,3 +78,19 @@ def test_bfloat16_runs_close_to_float32(tiny_model):
     assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
     out = bf16.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert len(out.token_ids) == 8
+
+
+@pytest.mark.parametrize("arch", ["deepseek-v2", "qwen3-moe"])
+def test_moe_and_latent_kv_go_through_the_store(arch, tiny_model, tmp_path):
+    """A MoE model's KV (DeepSeek's: the compressed latent) is stored, reloaded by a fresh engine and gives
+    the same greedy tokens as without the store."""
+    path = str(tiny_model(arch))
+    ids = torch.randint(3, 49152, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = LLM(model=path, num_blocks=64, enable_prefix_caching=False)
+    want = plain.generate({"prompt_token_ids": ids}, greedy)[0].token_ids
+    for run in range(2):
+        with LLM(model=path, num_blocks=64, kv_host_gb=0, kv_disk_dir=str(tmp_path), kv_disk_gb=0.1) as llm:
+            out = llm.generate({"prompt_token_ids": ids}, greedy)[0]
+            assert out.token_ids == want
+            assert out.cached_tokens_by_tier.get("disk", 0) == (64 if run else 0)

@@ -147,7 +147,17 @@ def _other_model(paths: list[Path], fingerprint: bytes) -> str:
     return "foreign", 1
 
 
-@pytest.mark.parametrize("fault", [_corrupt, _truncate, _swap, _foreign, _other_model])
+def _wrong_shape(paths: list[Path], fingerprint: bytes) -> str:
+    import torch
+
+    key = bytes.fromhex(paths[3].stem)
+    kv = torch.zeros(30, 1, 3, BS, 128)  # this model's key, fingerprint and dtype; not its block layout
+    header = ChunkHeader(key, b"\0" * 16, fingerprint, "float32", tuple(kv.shape), tuple(range(BS)))
+    paths[3].write_bytes(encode(header, kv))
+    return "shape", 1
+
+
+@pytest.mark.parametrize("fault", [_corrupt, _truncate, _swap, _foreign, _other_model, _wrong_shape])
 def test_bad_chunks_on_disk_are_dropped_counted_and_recomputed(smollm_path, reference, tmp_path, fault):
     llm = engine(smollm_path, tmp_path / "kv", host_gb=0)  # disk only: every hit is read from the files
     first = llm.generate(PROMPTS[0], GREEDY)[0]

@@ -120,7 +120,7 @@ def test_quantized_experts_are_close_to_float(scheme, bound):
     assert ((got - ref).norm() / ref.norm()).item() < bound
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3"])
 def test_moe_model_quantized_end_to_end(tiny_model, arch):
     from kvtrove.layers.quant import QuantizedExperts
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 
 import torch
@@ -37,7 +38,9 @@ MIN_PREFILL_SAMPLE = 64
 """Steps with fewer prefill tokens say little about prefill speed."""
 
 
-def build_store(cc: CacheConfig, fingerprint: bytes, dtype: torch.dtype, break_even: BreakEven) -> KVStore | None:
+def build_store(
+    cc: CacheConfig, fingerprint: bytes, dtype: torch.dtype, shape: tuple[int, ...], break_even: BreakEven
+) -> KVStore | None:
     """The store's tiers from the config, fastest first; None when prefix caching is off or no tier is on."""
     if not cc.enable_prefix_caching:
         return None
@@ -54,13 +57,12 @@ def build_store(cc: CacheConfig, fingerprint: bytes, dtype: torch.dtype, break_e
         )
     if not tiers:
         return None
-    return KVStore(tiers, fingerprint, dtype, break_even)
+    return KVStore(tiers, fingerprint, dtype, break_even, shape=shape)
 
 
 def recompute_cost(model: torch.nn.Module) -> RecomputeCost:
     """Prefill FLOPs per token: 2 per weight of the decoder layers' linear layers (of MoE experts, those a
-    token runs through), and 4 per head dim per head per layer for each earlier token attended to (QK^T
-    and PV)."""
+    token runs through), and each attention layer's `context_flops` for each earlier token attended to."""
     linear = sum(
         m.weight.numel()
         for name, m in model.named_modules()
@@ -70,8 +72,7 @@ def recompute_cost(model: torch.nn.Module) -> RecomputeCost:
         and "lm_head" not in name
     )
     linear += sum(m.active_params() for m in model.modules() if hasattr(m, "active_params"))  # MoE experts
-    attn = model.attention_layers
-    return RecomputeCost(2.0 * linear, 4.0 * len(attn) * attn[0].num_heads * attn[0].head_dim)
+    return RecomputeCost(2.0 * linear, float(sum(a.context_flops for a in model.attention_layers)))
 
 
 class Engine:
@@ -101,12 +102,13 @@ class Engine:
             scheme = f"{config.model.quantize}/{config.model.quantize_group_size}".encode()
             self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + scheme)
         cc = config.cache
-        per_block = ModelRunner.bytes_per_block(self.model, cc.block_size, dtype)
+        block_shape = ModelRunner.block_shape(self.model, cc.block_size)
+        per_block = math.prod(block_shape) * dtype.itemsize
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_gb * 2**30) // per_block)
         self.runner = ModelRunner(self.model, num_blocks, cc.block_size, ckpt.hf_config.vocab_size)
         self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
         self.break_even = BreakEven(per_block // cc.block_size)
-        self.store = build_store(cc, self.fingerprint, dtype, self.break_even)
+        self.store = build_store(cc, self.fingerprint, dtype, block_shape, self.break_even)
         kv = KVCacheManager(self.pool, cc.block_size, self.fingerprint, self.store, self.runner, cost)
         self.scheduler = Scheduler(config.scheduler, kv)
         self._closed = False

@@ -20,28 +20,29 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         layers = model.attention_layers
-        a = layers[0]
-        self.sliding_window: int | None = a.sliding_window
+        self.sliding_window: int | None = layers[0].sliding_window
         dtype = next(model.parameters()).dtype
-        # [layers, k/v, KV heads, slots, head dim]
-        self.kv_cache = torch.zeros(len(layers), 2, a.num_kv_heads, num_blocks * block_size, a.head_dim, dtype=dtype)
+        parts, heads, dim = cache_layout(model)
+        # [layers, parts (k/v, or one for a latent), cache heads, slots, dim]
+        self.kv_cache = torch.zeros(len(layers), parts, heads, num_blocks * block_size, dim, dtype=dtype)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
-        # the same memory by block: [layers, k/v, KV heads, blocks, block size, head dim]
-        self.kv_blocks = self.kv_cache.view(len(layers), 2, a.num_kv_heads, num_blocks, block_size, a.head_dim)
+        # the same memory by block: [layers, parts, heads, blocks, block size, dim]
+        self.kv_blocks = self.kv_cache.view(len(layers), parts, heads, num_blocks, block_size, dim)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of the KV of `block_ids`: [layers, 2, KV heads, len(block_ids), block size, head dim]."""
+        """A copy of the KV of `block_ids`: [layers, parts, heads, len(block_ids), block size, dim]."""
         return self.kv_blocks.index_select(3, torch.tensor(block_ids))
 
     def write_block(self, block_id: int, kv: torch.Tensor) -> None:
-        """Copy [layers, 2, KV heads, block size, head dim] into a block."""
+        """Copy [layers, parts, heads, block size, dim] into a block."""
         self.kv_blocks[:, :, :, block_id].copy_(kv)
 
     @staticmethod
-    def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
-        a = model.attention_layers[0]
-        return len(model.attention_layers) * 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+    def block_shape(model: torch.nn.Module, block_size: int) -> tuple[int, ...]:
+        """The shape of one block's KV (and of a stored chunk): [layers, parts, heads, block size, dim]."""
+        parts, heads, dim = cache_layout(model)
+        return (len(model.attention_layers), parts, heads, block_size, dim)
 
     def _slots(self, req: Request, end: int) -> torch.Tensor:
         """KV slots of positions 0..end-1 of `req`."""
@@ -144,3 +145,12 @@ class ModelRunner:
             generators=[r.generator for r in reqs],
             num_logprobs=max(nlp) if nlp else None,
         )
+
+
+def cache_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """What every attention layer caches per token: (parts, heads, dim) - (2, KV heads, head dim) for k and
+    v, (1, 1, latent + rope dim) for DeepSeek's compressed latent."""
+    layouts = {a.cache_layout for a in model.attention_layers}
+    if len(layouts) != 1:
+        raise ValueError(f"attention layers cache different layouts {sorted(layouts)}; one is supported")
+    return layouts.pop()

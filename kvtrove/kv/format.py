@@ -5,7 +5,8 @@
 Chunks come back from disk or from a pool shared with other engines, so they are untrusted: decoding
 parses JSON and raw little-endian bytes only (never pickle or torch.load), and checks the checksum,
 the key, the model fingerprint, the dtype, the shape and the payload size before a tensor is built.
-The payload is [layers, 2 (k/v), KV heads, tokens, head dim] in the working dtype.
+The payload is [layers, parts, heads, tokens, dim] in the working dtype: parts are k and v with KV heads
+and head dim for most models, one compressed latent (one "head") for DeepSeek's MLA.
 """
 
 from __future__ import annotations
@@ -85,9 +86,15 @@ def encode(header: ChunkHeader, kv: torch.Tensor) -> bytearray:
 
 
 def decode(
-    data: bytes, key: bytes, fingerprint: bytes, dtype: torch.dtype, checksum: bool = True
+    data: bytes,
+    key: bytes,
+    fingerprint: bytes,
+    dtype: torch.dtype,
+    shape: tuple[int, ...] | None = None,
+    checksum: bool = True,
 ) -> tuple[ChunkHeader, torch.Tensor]:
-    """Header and KV of a stored chunk expected under `key` for this model and dtype; ChunkError if unusable.
+    """Header and KV of a stored chunk expected under `key` for this model, dtype and (if given) shape;
+    ChunkError if unusable.
 
     `checksum=False` skips the digest, for bytes that never left this process after being checked. The
     tensor shares `data`'s memory (no copy) and must not be written to."""
@@ -120,8 +127,10 @@ def decode(
         raise ChunkError("key", f"holds {header.key.hex()}, expected {key.hex()}")
     if header.fingerprint != fingerprint or DTYPES.get(header.dtype) != dtype:
         raise ChunkError("foreign", f"from another model or dtype ({header.dtype})")
+    if shape is not None and header.shape != tuple(shape):
+        raise ChunkError("shape", f"shape {header.shape}, expected {tuple(shape)}")
     shape = header.shape
-    if len(shape) != 5 or shape[1] != 2 or min(shape) < 1 or len(header.token_ids) != shape[3]:
+    if len(shape) != 5 or min(shape) < 1 or len(header.token_ids) != shape[3]:
         raise ChunkError("shape", f"shape {shape} with {len(header.token_ids)} token ids")
     payload = body[_PREFIX.size + hlen :]
     expected = dtype.itemsize

@@ -39,7 +39,7 @@ MAX_ORIGINS = 1 << 16
 class LoadedChunk:
     header: ChunkHeader
     kv: torch.Tensor
-    """[layers, 2, KV heads, tokens, head dim]"""
+    """[layers, parts, heads, tokens, dim] (the engine's block layout)"""
     tier: str
 
 
@@ -51,9 +51,12 @@ class KVStore:
         dtype: torch.dtype,
         break_even: BreakEven | None = None,
         max_backlog_bytes: int = 2**30,
+        shape: tuple[int, ...] | None = None,
     ):
+        """`shape`: the exact shape every chunk must have (the engine's block shape); None checks only that
+        the shape is well formed."""
         self.tiers = list(tiers)
-        self.fingerprint, self.dtype = fingerprint, dtype
+        self.fingerprint, self.dtype, self.shape = fingerprint, dtype, shape
         self.break_even = break_even
         self.rejected: Counter[str] = Counter()
         """Bad chunks found on load, by reason (checksum, truncated, foreign, key, ...)."""
@@ -194,7 +197,7 @@ class KVStore:
                 if data is None:  # deleted since `exists` (another engine evicted it)
                     break
                 try:
-                    header, kv = decode(data, key, self.fingerprint, self.dtype, checksum=not tier.trusted)
+                    header, kv = decode(data, key, self.fingerprint, self.dtype, self.shape, checksum=not tier.trusted)
                 except ChunkError as e:
                     log.warning("dropping a bad KV chunk %s from the %s tier: %s", key.hex(), tier.name, e)
                     tier.delete([key], rejected=True)

@@ -53,6 +53,10 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window
+        self.cache_layout = (2, num_kv_heads, head_dim)
+        """Per token: k and v, each [K, D]."""
+        self.context_flops = 4 * num_heads * head_dim
+        """FLOPs per new token per earlier token attended to (QK^T and PV)."""
         self.kv_cache: torch.Tensor | None = None  # [2, K, S, D], bound by the runner
 
     def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -124,13 +124,14 @@ def quantize_model(
     scheme: str,
     group_size: int = 32,
     int8_only: tuple[str, ...] = ("lm_head",),
-    keep: tuple[str, ...] = ("gate", "shared_expert_gate"),
+    keep: tuple[str, ...] = ("gate", "shared_expert_gate", "kv_b_proj"),
     kernels=None,
 ) -> int:
     """Replace every linear layer of `model` (plain or kvtrove's CPU ones) and every MoE layer's experts by
     their quantized form. Layers named in `int8_only` (the output head: every token's logits, the most
     sensitive matrix) and layers whose input is not a multiple of the int4 group size get int8; layers
-    named in `keep` (MoE routers: small, and their choice is discrete) stay as they are. `kernels`:
+    named in `keep` (MoE routers: small, and their choice is discrete; MLA's kv_b_proj, whose weight is
+    absorbed into attention rather than called) stay as they are. `kernels`:
     kvtrove's compiled CPU kernels (the int4 layers need them to be fast). Returns the layers replaced."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")

@@ -27,6 +27,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.rope_dim = self.head_dim
         bias = bool(getattr(cfg, "attention_bias", False))
         qkv_bias = bias or cfg.model_type in ("qwen2", "qwen2_moe")
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -65,10 +66,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, mlp: nn.Module):
+    def __init__(self, cfg, attn: nn.Module, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
@@ -83,13 +84,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg, max_positions: int, dtype: torch.dtype, make_mlp):
+    def __init__(self, cfg, max_positions: int, dtype: torch.dtype, make_attention, make_mlp):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(cfg, make_attention(cfg), make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.rotary = RotaryEmbedding(cfg, head_dim, max_positions, dtype)
+        self.rotary = RotaryEmbedding(cfg, self.layers[0].self_attn.rope_dim, max_positions, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, E]
@@ -112,13 +114,15 @@ class LlamaForCausalLM(nn.Module):
     renames: dict[str, str] = {}
     """Checkpoint name parts -> ours (e.g. Mixtral's `.block_sparse_moe.` is our `.mlp.`)."""
 
+    make_attention = LlamaAttention
+
     @staticmethod
     def make_mlp(cfg, layer: int) -> nn.Module:
         return LlamaMLP(cfg)
 
     def __init__(self, cfg, max_positions: int, dtype: torch.dtype):
         super().__init__()
-        self.model = LlamaModel(cfg, max_positions, dtype, self.make_mlp)
+        self.model = LlamaModel(cfg, max_positions, dtype, self.make_attention, self.make_mlp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.tie_weights()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kvtrove.layers.linear import use_cpu_kernels
+from kvtrove.models.deepseek import DeepseekForCausalLM
 from kvtrove.models.llama import LlamaForCausalLM
 from kvtrove.models.moe import MoEForCausalLM
 
@@ -22,6 +23,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MoEForCausalLM,
     "Qwen2MoeForCausalLM": MoEForCausalLM,
     "Qwen3MoeForCausalLM": MoEForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekForCausalLM,
 }
 # For configs without `architectures` (e.g. built from GGUF metadata).
 MODEL_TYPES: dict[str, type[nn.Module]] = {
@@ -32,6 +35,8 @@ MODEL_TYPES: dict[str, type[nn.Module]] = {
     "mixtral": MoEForCausalLM,
     "qwen2_moe": MoEForCausalLM,
     "qwen3_moe": MoEForCausalLM,
+    "deepseek_v2": DeepseekForCausalLM,
+    "deepseek_v3": DeepseekForCausalLM,
 }
 
 
