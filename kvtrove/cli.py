@@ -1,4 +1,4 @@
-"""Command line: `kvtrove demo | generate | chat | serve | router | bench | cache`.
+"""Command line: `kvtrove demo | generate | chat | serve | router | bench | cache | placement`.
 
 Every engine option is a flag named like its LLM keyword."""
 
@@ -252,6 +252,38 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_placement(args: argparse.Namespace) -> int:
+    """`placement show MODEL`: where each module of the model would run, with which implementation and how
+    many bytes, under the built-in rules or `--placement FILE`. Needs only the model's config (a .gguf or a
+    directory with config.json): the model is laid out on PyTorch's meta device, no weights are read."""
+    import torch
+
+    from kvtrove.config import ModelConfig
+    from kvtrove.engine.engine import DTYPES
+    from kvtrove.loader import load_config
+    from kvtrove.models.registry import model_class
+    from kvtrove.placement import plan
+    from kvtrove.placement.rules import load_rules
+
+    mc = ModelConfig(
+        model=args.model,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        quantize_group_size=args.quantize_group_size,
+        placement=args.placement,
+    )
+    hf_config = load_config(mc.model)
+    cls = model_class(hf_config)
+    with torch.device("meta"):
+        model = cls(hf_config, 1, DTYPES[mc.dtype]).to(DTYPES[mc.dtype])
+    rules = load_rules(mc.placement) if mc.placement else None
+    placed = plan.plan(model, rules, mc.quantize, mc.quantize_group_size)
+    source = mc.placement or f"built-in rules for {cls.__name__}"
+    print(f"{mc.model}: {cls.__name__}, {mc.dtype}, quantize={mc.quantize or 'none'}, placement: {source}")
+    print(plan.describe(placed))
+    return 0
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -309,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=("stats", "clear"))
     cache.add_argument("--kv-disk-dir", default=None, help="the disk tier's directory (default: <cache dir>/kv)")
     cache.set_defaults(func=cmd_cache)
+    place = sub.add_parser("placement", help="show where each module of a model runs (device, implementation, bytes)")
+    place.add_argument("action", choices=("show",))
+    place.add_argument("model", nargs="?", default=None, help="a .gguf file or a directory with config.json")
+    place.add_argument("--placement", default=None, help="YAML rules file (default: the built-in rules)")
+    place.add_argument("--quantize", default=None, choices=("int8", "int4"), help="what `impl: auto` means")
+    place.add_argument("--quantize-group-size", type=int, default=32)
+    place.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    place.set_defaults(func=cmd_placement)
     return p
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvtrove.kv.eviction import POLICIES
 from kvtrove.kv.tiers.remote import check_url
+from kvtrove.placement.rules import load_rules
 
 DTYPES = ("float32", "bfloat16")
 
@@ -75,6 +76,11 @@ class ModelConfig:
         None, "Weight-only quantization of the linear layers at load: int8 (per channel) or int4 (per group)."
     )
     quantize_group_size: int = opt(32, "Weights per int4 group (32, 64, 128 or 256).")
+    placement: str | None = opt(
+        None,
+        "YAML file of placement rules (module regex or class -> device and implementation, first match wins); "
+        "None -> the architecture's built-in rules.",
+    )
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -85,6 +91,8 @@ class ModelConfig:
             raise ValueError(f"quantize_group_size must be one of {GROUP_SIZES}, got {self.quantize_group_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.placement is not None:
+            load_rules(self.placement)  # a bad file fails here, before the model loads
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

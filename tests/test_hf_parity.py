@@ -94,3 +94,23 @@ def test_moe_and_latent_kv_go_through_the_store(arch, tiny_model, tmp_path):
             out = llm.generate({"prompt_token_ids": ids}, greedy)[0]
             assert out.token_ids == want
             assert out.cached_tokens_by_tier.get("disk", 0) == (64 if run else 0)
+
+
+MOE_ARCHS = [a for a in sorted(ARCHS) if "moe" in a or a in ("mixtral", "deepseek-v2", "deepseek-v3")]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_under_a_user_placement_file_matches_hf(arch, tiny_model, tmp_path):
+    """Routed experts on the CPU, everything else on "cuda:0" (the CPU here): the same numbers as HF."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_placement import EXPERTS_CPU_REST_GPU
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(EXPERTS_CPU_REST_GPU)
+    path = tiny_model(arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(model=str(path), dtype="float32", block_size=16, num_blocks=64, placement=str(rules))
+    assert any(p.kind == "experts" and p.wanted == "cpu" for p in llm.engine.placement)
+    ids = torch.randint(3, 49152, (PROMPT_LEN,), generator=torch.Generator().manual_seed(3)).tolist()
+    check_parity(llm, hf, ids)

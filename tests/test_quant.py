@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from kvtrove import LLM, SamplingParams
 from kvtrove.layers.kernels import cpu_kernels
-from kvtrove.layers.quant import Int4Linear, Int8Linear, quantize_model
+from kvtrove.layers.quant import Int4Linear, Int8Linear
+from kvtrove.placement import plan
 from tests.helpers import assert_all_blocks_free, prompt_logits
 
 LICENSE = Path("/usr/share/common-licenses/Apache-2.0")
@@ -67,10 +68,10 @@ def test_bad_quantization_options():
     with pytest.raises(ValueError, match="quantize_group_size"):
         LLM(model="unused.gguf", quantize="int4", quantize_group_size=100)
     model = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.Linear(8, 64))
-    assert quantize_model(model, "int4", 32) == 2  # 48 and 8 inputs do not fit groups of 32: int8
+    plan.apply(model, plan.plan(model, None, "int4", 32), 32)  # 48 and 8 inputs do not fit groups of 32: int8
     assert all(isinstance(m, Int8Linear) for m in model)
     head = torch.nn.ModuleDict({"lm_head": torch.nn.Linear(64, 16), "proj": torch.nn.Linear(64, 16)})
-    quantize_model(head, "int4", 32)
+    plan.apply(head, plan.plan(head, None, "int4", 32), 32)
     assert isinstance(head["lm_head"], Int8Linear) and isinstance(head["proj"], Int4Linear)
 
 

@@ -25,10 +25,11 @@ from kvtrove.kv.tiers.disk import DiskTier
 from kvtrove.kv.tiers.host import HostTier
 from kvtrove.kv.tiers.remote import open_remote
 from kvtrove.layers.kernels import cpu_kernels
-from kvtrove.layers.quant import quantize_model
 from kvtrove.loader import load_checkpoint
 from kvtrove.models.registry import build_model
 from kvtrove.outputs import CompletionOutput, RequestOutput
+from kvtrove.placement import plan as placement
+from kvtrove.placement.rules import load_rules
 from kvtrove.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,13 @@ class Engine:
         kernels = cpu_kernels() if config.model.cpu_kernels else None
         self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype, kernels)
         cost = recompute_cost(self.model)  # FLOPs: the same quantized or not
-        if config.model.quantize:
-            quantize_model(self.model, config.model.quantize, config.model.quantize_group_size, kernels=kernels)
-            # other weights, other KV: never share stored KV with the float model
-            scheme = f"{config.model.quantize}/{config.model.quantize_group_size}".encode()
-            self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + scheme)
+        mc = config.model
+        rules = load_rules(mc.placement) if mc.placement else None
+        self.placement = placement.plan(self.model, rules, mc.quantize, mc.quantize_group_size)
+        placement.apply(self.model, self.placement, mc.quantize_group_size, kernels)
+        quantized = placement.fingerprint(self.placement, mc.quantize_group_size)
+        if quantized:  # other weights, other KV: never share stored KV with the float model
+            self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + quantized)
         cc = config.cache
         block_shape = ModelRunner.block_shape(self.model, cc.block_size)
         per_block = math.prod(block_shape) * dtype.itemsize

@@ -8,7 +8,7 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
   group (w ~ q * scale + min, q in 0..15), on kvtrove's C++ kernel: PyTorch's
   `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (measured),
   a third of the memory bound decode could reach.
-Model files stay free of quantization code: `quantize_model` replaces their linear layers after loading.
+Model files stay free of quantization code: placement (`kvtrove.placement`) swaps these in after loading.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from torch import nn
 
 from kvtrove.config import GROUP_SIZES
 from kvtrove.config import QUANT_SCHEMES as SCHEMES
-from kvtrove.layers.linear import CpuLinear
 
 COMPUTE = torch.bfloat16
 FEW_TOKENS = 16
@@ -109,6 +108,12 @@ class QuantizedExperts(nn.Module):
         return run_grouped(self.expert, self.num_experts, x, weights, chosen)
 
 
+def quantized_bytes(n: int, k: int, scheme: str) -> int:
+    """Bytes of an [n, k] weight in `scheme` (int8: weights + a bf16 scale per row; int4: half a byte per
+    weight + a float32 scale and minimum per 32)."""
+    return n * k + 2 * n if scheme == "int8" else n * k // 2 + 8 * (n * k // 32)
+
+
 def quantized(
     weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, group_size: int = 32, kernels=None
 ) -> nn.Module:
@@ -117,39 +122,3 @@ def quantized(
     if scheme == "int4":
         return Int4Linear(weight, bias, group_size, kernels)
     raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")
-
-
-def quantize_model(
-    model: nn.Module,
-    scheme: str,
-    group_size: int = 32,
-    int8_only: tuple[str, ...] = ("lm_head",),
-    keep: tuple[str, ...] = ("gate", "shared_expert_gate", "kv_b_proj"),
-    kernels=None,
-) -> int:
-    """Replace every linear layer of `model` (plain or kvtrove's CPU ones) and every MoE layer's experts by
-    their quantized form. Layers named in `int8_only` (the output head: every token's logits, the most
-    sensitive matrix) and layers whose input is not a multiple of the int4 group size get int8; layers
-    named in `keep` (MoE routers: small, and their choice is discrete; MLA's kv_b_proj, whose weight is
-    absorbed into attention rather than called) stay as they are. `kernels`:
-    kvtrove's compiled CPU kernels (the int4 layers need them to be fast). Returns the layers replaced."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")
-    n = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if hasattr(child, "load_expert"):  # a MoE layer's stacked experts
-                fits = scheme == "int8" or (
-                    child.w2.shape[2] % group_size == 0 and child.w13.shape[2] % group_size == 0
-                )
-                setattr(parent, name, QuantizedExperts(child, scheme if fits else "int8", group_size))
-                n += 1
-                continue
-            if not isinstance(child, nn.Linear | CpuLinear) or name in keep:
-                continue
-            weight, bias = child.weight.detach(), child.bias
-            n_out, k_in = weight.shape
-            fits = scheme == "int8" or (k_in % group_size == 0 and name not in int8_only)
-            setattr(parent, name, quantized(weight, bias, scheme if fits else "int8", group_size, kernels))
-            n += 1
-    return n

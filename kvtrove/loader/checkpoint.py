@@ -50,6 +50,22 @@ def load_checkpoint(path: str, dtype: torch.dtype) -> Checkpoint:
     )
 
 
+def load_config(path: str):
+    """Only the HF config of a model path: a .gguf file, or a directory with config.json (weights not
+    needed), e.g. to plan a model's placement before downloading it."""
+    from transformers import AutoConfig
+
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return AutoConfig.from_pretrained(gguf_file.converted(p))
+    if not (p / "config.json").exists():
+        raise ValueError(f"{str(p)!r} is neither a .gguf file nor a directory with a config.json")
+    try:
+        return AutoConfig.from_pretrained(p, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"cannot read {p / 'config.json'}: {e}") from e
+
+
 NOT_CONTENT = ("_name_or_path", "transformers_version")
 """Config fields that say where a model was loaded from or by what, not what it computes."""
 
