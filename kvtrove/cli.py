@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from kvtrove.config import flat_fields
 
@@ -261,6 +262,7 @@ def cmd_placement(args: argparse.Namespace) -> int:
     from kvtrove.config import ModelConfig
     from kvtrove.engine.engine import DTYPES
     from kvtrove.loader import load_config
+    from kvtrove.loader.gguf_file import quantized_types
     from kvtrove.models.registry import model_class
     from kvtrove.placement import plan
     from kvtrove.placement.rules import load_rules
@@ -277,9 +279,11 @@ def cmd_placement(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = cls(hf_config, 1, DTYPES[mc.dtype]).to(DTYPES[mc.dtype])
     rules = load_rules(mc.placement) if mc.placement else None
-    placed = plan.plan(model, rules, mc.quantize, mc.quantize_group_size)
+    types = quantized_types(Path(mc.model)) if mc.model.endswith(".gguf") else {}
+    stored = plan.stored_quantized(model, {name: (None, t) for name, t in types.items()})
+    placed = plan.plan(model, rules, mc.quantize, mc.quantize_group_size, stored)
     source = mc.placement or f"built-in rules for {cls.__name__}"
-    print(f"{mc.model}: {cls.__name__}, {mc.dtype}, quantize={mc.quantize or 'none'}, placement: {source}")
+    print(f"{mc.model}: {cls.__name__}, {mc.dtype}, quantize={mc.quantize}, placement: {source}")
     print(plan.describe(placed))
     return 0
 
@@ -345,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("action", choices=("show",))
     place.add_argument("model", nargs="?", default=None, help="a .gguf file or a directory with config.json")
     place.add_argument("--placement", default=None, help="YAML rules file (default: the built-in rules)")
-    place.add_argument("--quantize", default=None, choices=("int8", "int4"), help="what `impl: auto` means")
+    place.add_argument(
+        "--quantize", default="auto", choices=("auto", "none", "int8", "int4"), help="what `impl: auto` means"
+    )
     place.add_argument("--quantize-group-size", type=int, default=32)
     place.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     place.set_defaults(func=cmd_placement)

@@ -43,6 +43,7 @@ def api_key_from_env() -> str | None:
 
 
 QUANT_SCHEMES = ("int8", "int4")
+QUANTIZE = ("auto", "none", *QUANT_SCHEMES)
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -72,8 +73,11 @@ class ModelConfig:
         "use, torch ops otherwise.",
     )
 
-    quantize: str | None = opt(
-        None, "Weight-only quantization of the linear layers at load: int8 (per channel) or int4 (per group)."
+    quantize: str = opt(
+        "auto",
+        "Weight-only quantization of the linear layers: auto (a GGUF's 4-bit weights run as int4 from their "
+        "own blocks, its other quantized ones as int8, the rest float), none, int8 (per channel) or int4 "
+        "(per group).",
     )
     quantize_group_size: int = opt(32, "Weights per int4 group (32, 64, 128 or 256).")
     placement: str | None = opt(
@@ -85,8 +89,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = default_model_path()
-        if self.quantize not in (None, *QUANT_SCHEMES):
-            raise ValueError(f"quantize must be one of {QUANT_SCHEMES} or None, got {self.quantize!r}")
+        if self.quantize is None:
+            self.quantize = "none"
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.quantize_group_size not in GROUP_SIZES:
             raise ValueError(f"quantize_group_size must be one of {GROUP_SIZES}, got {self.quantize_group_size}")
         if self.dtype not in DTYPES:

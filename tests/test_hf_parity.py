@@ -49,12 +49,14 @@ def test_tiny_model_matches_hf(arch, tiny_model):
     check_parity(llm, hf, ids)
 
 
-def test_smollm2_gguf_matches_hf(smollm, smollm_path):
-    """HF dequantizes the same GGUF its own way; our loader (incl. q/k un-permutation) must agree."""
+def test_smollm2_gguf_matches_hf(smollm_path):
+    """HF dequantizes the same GGUF its own way; our loader (incl. q/k un-permutation) must agree (float
+    weights: `quantize="none"`)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
+    smollm = LLM(model=smollm_path, dtype="float32", quantize="none", num_blocks=64)
     p = Path(smollm_path)
     hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
     text = (

@@ -99,8 +99,9 @@ class Engine:
         cost = recompute_cost(self.model)  # FLOPs: the same quantized or not
         mc = config.model
         rules = load_rules(mc.placement) if mc.placement else None
-        self.placement = placement.plan(self.model, rules, mc.quantize, mc.quantize_group_size)
-        placement.apply(self.model, self.placement, mc.quantize_group_size, kernels)
+        stored = placement.stored_quantized(self.model, ckpt.quantized)
+        self.placement = placement.plan(self.model, rules, mc.quantize, mc.quantize_group_size, stored)
+        placement.apply(self.model, self.placement, mc.quantize_group_size, kernels, stored)
         quantized = placement.fingerprint(self.placement, mc.quantize_group_size)
         if quantized:  # other weights, other KV: never share stored KV with the float model
             self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + quantized)

@@ -80,7 +80,10 @@ def use_cpu_kernels(model: nn.Module, kernels=None) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
                 bias = None if child.bias is None else child.bias.detach()
-                setattr(parent, name, CpuLinear(child.weight.detach(), bias))
+                fast = CpuLinear(child.weight.detach(), bias)
+                if hasattr(child, "offsets"):  # a fused layer: where each projection's rows start
+                    fast.offsets = child.offsets
+                setattr(parent, name, fast)
     for module in model.modules():
         if hasattr(type(module), "kernels"):
             module.kernels = kernels

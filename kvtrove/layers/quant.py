@@ -5,7 +5,8 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
   PyTorch's `aten._weight_int8pack_mm`, which is fast with bfloat16 activations and scales (15-25x
   slower with float32), so the layer computes in bfloat16 and returns the caller's dtype.
 - `int4`: 4 bits per weight in groups of `group_size` along the input, a float32 scale and minimum per
-  group (w ~ q * scale + min, q in 0..15), on kvtrove's C++ kernel: PyTorch's
+  group (w ~ q * scale + min, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly), on
+  kvtrove's C++ kernel: PyTorch's
   `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (measured),
   a third of the memory bound decode could reach.
 Model files stay free of quantization code: placement (`kvtrove.placement`) swaps these in after loading.
@@ -46,31 +47,51 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def int4_parts(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[n, k] float -> (qweight [n, k/2] uint8, scales and mins [n, k/32] float32): round to nearest between
+    each group's min and max; the kernel's unit is 32 weights, byte j of a unit holding weights j (low
+    nibble) and j + 16 (high), with the group's scale and min repeated per 32."""
+    n, k = weight.shape
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size ({group_size})")
+    w = weight.float().view(n, k // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((w - lo) / scale).round().clamp(0, 15).to(torch.uint8).view(n, k // 32, 32)
+    per32 = group_size // 32
+    return (
+        (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2),
+        scale.view(n, -1).repeat_interleave(per32, 1),
+        lo.view(n, -1).repeat_interleave(per32, 1),
+    )
+
+
 class Int4Linear(nn.Module):
     """4-bit weights in groups along the input: w ~ q * scale + min, q in 0..15 (round to nearest between
     the group's min and max). Runs on kvtrove's C++ kernel (`csrc/q4_linear.cpp`, scales kept in
-    float32) for few tokens; prefill steps and machines without the kernel use the weight dequantized
-    per call with a float GEMM."""
+    float32, activations rounded to int16: the float result to ~1e-5) for few tokens; prefill steps and
+    machines without the kernel use the weight dequantized per call with a float GEMM."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32, kernels=None):
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        group_size: int = 32,
+        kernels=None,
+        parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """Quantizes `weight` [n, k]; or takes `parts` (qweight, scales, mins) already in this layout (GGUF
+        4-bit blocks repacked) and no weight."""
         super().__init__()
-        n, k = weight.shape
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
-        if k % group_size:
-            raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size ({group_size})")
-        w = weight.float().view(n, k // group_size, group_size)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.uint8).view(n, k // 32, 32)
-        # the kernel's unit is 32 weights: byte j of a unit holds weights j (low nibble) and j + 16
-        self.register_buffer("qweight", (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous())
-        per32 = group_size // 32
-        self.register_buffer("scales", scale.view(n, -1).repeat_interleave(per32, 1).contiguous())
-        self.register_buffer("mins", lo.view(n, -1).repeat_interleave(per32, 1).contiguous())
+        qweight, scales, mins = parts if parts is not None else int4_parts(weight, group_size)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("mins", mins.contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
         self.kernels = kernels
-        self.out_features, self.in_features = n, k
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
 
     def dequantized(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -82,7 +103,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         if self.kernels is not None and x2.shape[0] <= FEW_TOKENS:  # decode: bound by reading the weights
             y = self.kernels.q4_linear(x2, self.qweight, self.scales, self.mins)
-        else:  # prefill: bound by arithmetic, which a float GEMM does best (and exactly, with float activations)
+        else:  # prefill: bound by arithmetic, which a float GEMM does best
             y = F.linear(x2, self.dequantized())
         if self.bias is not None:
             y = y + self.bias

@@ -25,6 +25,9 @@ class Checkpoint:
     fingerprint: bytes
     """Identity of the weights and their dtype: KV is reusable only under the same fingerprint."""
     eos_token_ids: list[int]
+    quantized: dict
+    """HF name -> (GGUF rows, GGUF type) of each weight matrix the file stores quantized; filled as
+    `weights` is read. Empty for float checkpoints."""
 
 
 def load_checkpoint(path: str, dtype: torch.dtype) -> Checkpoint:
@@ -38,15 +41,16 @@ def load_checkpoint(path: str, dtype: torch.dtype) -> Checkpoint:
         if p.is_file():
             if p.suffix != ".gguf":
                 raise ValueError(f"{p} is a file but not a .gguf file; give a .gguf file or a checkpoint directory")
-            hf_config, tokenizer, weights, files = gguf_file.open_gguf(p, dtype)
+            hf_config, tokenizer, weights, files, quantized = gguf_file.open_gguf(p, dtype)
         else:
-            hf_config, tokenizer, weights, files = hf_dir.open_hf_dir(p, dtype)
+            hf_config, tokenizer, weights, files, quantized = hf_dir.open_hf_dir(p, dtype)
     return Checkpoint(
         hf_config=hf_config,
         tokenizer=tokenizer,
         weights=weights,
         fingerprint=fingerprint(hf_config, dtype, files),
         eos_token_ids=eos_ids(hf_config, tokenizer, p),
+        quantized=quantized,
     )
 
 

@@ -54,7 +54,24 @@ def open_gguf(path: Path, dtype: torch.dtype):
     meta = json.loads((conv / "tensors.json").read_text())
     hf_config = AutoConfig.from_pretrained(conv)
     tokenizer = AutoTokenizer.from_pretrained(conv)
-    return hf_config, tokenizer, _tensors(path, meta, hf_config, dtype), [path]
+    quantized: dict = {}
+    return hf_config, tokenizer, _tensors(path, meta, hf_config, dtype, quantized), [path], quantized
+
+
+def quantized_types(path: Path) -> dict[str, gguf.GGMLQuantizationType]:
+    """HF name -> GGUF type of each weight matrix the file stores quantized, from its converted metadata
+    (no tensor is read)."""
+    meta = json.loads((converted(path) / "tensors.json").read_text())
+    out = {}
+    for t in meta["tensors"]:
+        name, qtype = gguf_to_hf_name(t["name"]), gguf.GGMLQuantizationType(t["type"])
+        if (
+            name
+            and len(t["shape"]) == 2
+            and qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        ):
+            out[name] = qtype
+    return out
 
 
 def converted(path: Path) -> Path:
@@ -135,7 +152,9 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensors(path: Path, meta: dict, cfg, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(path: Path, meta: dict, cfg, dtype: torch.dtype, quantized: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float tensor) for every tensor; each weight matrix stored quantized is also put in
+    `quantized` as HF name -> (its GGUF rows [n, bytes per row], GGUF type), rows in HF order."""
     permuted = SUPPORTED[meta["architecture"]]
     data = np.memmap(path, mode="r")
     for t in tqdm(meta["tensors"], desc=f"loading {path.name}", unit="tensor", disable=None, leave=False):
@@ -145,9 +164,15 @@ def _tensors(path: Path, meta: dict, cfg, dtype: torch.dtype) -> Iterator[tuple[
         dt = np.dtype(t["dtype"])
         n = int(np.prod(t["shape"])) * dt.itemsize
         raw = data[t["offset"] : t["offset"] + n].view(dt).reshape(t["shape"])
-        w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t["type"]))
+        qtype = gguf.GGMLQuantizationType(t["type"])
+        w = gguf.quants.dequantize(raw, qtype)
+        heads = None
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute(w, cfg.num_attention_heads)
+            heads = cfg.num_attention_heads
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute(w, cfg.num_key_value_heads)
+            heads = cfg.num_key_value_heads
+        if heads:
+            w = _unpermute(w, heads)
+        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) and raw.ndim == 2:
+            quantized[name] = (_unpermute(raw, heads) if heads else raw, qtype)
         yield name, torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)

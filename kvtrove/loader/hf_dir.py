@@ -26,7 +26,7 @@ def open_hf_dir(path: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"cannot load the tokenizer from {path} (tokenizer.json / tokenizer_config.json): {e}") from e
-    return hf_config, tokenizer, _tensors(files, dtype), files
+    return hf_config, tokenizer, _tensors(files, dtype), files, {}
 
 
 def _tensors(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

@@ -73,25 +73,37 @@ def build_model(
     return model
 
 
+def apply_renames(model: nn.Module, name: str) -> str:
+    for theirs, ours in getattr(model, "renames", {}).items():
+        name = name.replace(theirs, ours)
+    return name
+
+
+def param_target(model: nn.Module, name: str) -> tuple[str, str, int | None]:
+    """(module path, parameter, shard) a checkpoint tensor (renamed) loads into: the shard of a fused
+    projection (q/k/v -> qkv_proj, gate/up -> gate_up_proj), or None for a plain parameter."""
+    module_name, _, param = name.rpartition(".")
+    parent, _, leaf = module_name.rpartition(".")
+    packed = getattr(model, "packed_modules", {})
+    if leaf in packed:
+        target, shard = packed[leaf]
+        return f"{parent}.{target}" if parent else target, param, shard
+    return module_name, param, None
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copy each (HF name, tensor) into the model, splitting fused projections into their shards."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    packed = getattr(model, "packed_modules", {})
-    renames = getattr(model, "renames", {})
     for name, tensor in weights:
-        for theirs, ours in renames.items():
-            name = name.replace(theirs, ours)
+        name = apply_renames(model, name)
         expert = EXPERT_TENSOR.match(name)
         if expert and hasattr(experts := model.get_submodule(f"{expert[1]}.experts"), "load_expert"):
             experts.load_expert(int(expert[2]), expert[3], tensor)
             loaded.add(f"{expert[1]}.experts#{expert[2]}.{expert[3]}")
             continue
-        module_name, _, param = name.rpartition(".")
-        parent, _, leaf = module_name.rpartition(".")
-        if leaf in packed:
-            target, shard = packed[leaf]
-            fused = f"{parent}.{target}"
+        fused, param, shard = param_target(model, name)
+        if shard is not None:
             model.get_submodule(fused).load_shard(param, shard, tensor)
             loaded.add(f"{fused}.{param}#{shard}")
             continue

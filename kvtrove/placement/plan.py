@@ -16,7 +16,9 @@ import xxhash
 from torch import nn
 
 from kvtrove.layers.linear import CpuLinear
-from kvtrove.layers.quant import QuantizedExperts, quantized, quantized_bytes
+from kvtrove.layers.quant import Int4Linear, QuantizedExperts, int4_parts, quantized, quantized_bytes
+from kvtrove.loader.gguf_repack import REPACKABLE, repack
+from kvtrove.models.registry import apply_renames, param_target
 from kvtrove.placement.rules import BUILTIN, Rule
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,45 @@ def _matrices(m: nn.Module, kind: str) -> list[tuple[int, int]]:
     return [tuple(m.weight.shape)]
 
 
-def _impl(path: str, m: nn.Module, kind: str, rule: Rule, scheme: str | None, group: int) -> str:
+def stored_quantized(model: nn.Module, quantized: dict) -> dict[tuple[str, int | None], tuple]:
+    """A checkpoint's quantized weight matrices (HF name -> (GGUF rows, type)) by where they load:
+    (module path, shard of a fused projection or None). A tied output head shares the embedding's."""
+    out = {}
+    for name, value in quantized.items():
+        path, param, shard = param_target(model, apply_renames(model, name))
+        if param == "weight":
+            out[path, shard] = value
+    if getattr(model, "tied", False) and ("model.embed_tokens", None) in out:
+        out["lm_head", None] = out["model.embed_tokens", None]
+    return out
+
+
+def _shards(m: nn.Module) -> list[tuple[int | None, int, int]]:
+    """(shard, first row, end row) of a linear layer's weight: one per projection of a fused layer."""
+    offsets = getattr(m, "offsets", None)
+    if offsets is None:
+        return [(None, 0, m.weight.shape[0])]
+    return [(i, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
+
+
+def _auto(path: str, m: nn.Module, kind: str, stored: dict) -> str:
+    """`--quantize auto`: run a weight the file stores in 4 bits as int4 (its exact blocks, repacked),
+    one stored in another quantized type as int8; float otherwise."""
+    if kind != "linear":
+        return "float"
+    found = [stored.get((path, shard)) for shard, _, _ in _shards(m)]
+    if all(f is not None and f[1] in REPACKABLE for f in found):
+        return "int4"
+    return "int8" if all(f is not None for f in found) else "float"
+
+
+def _impl(path: str, m: nn.Module, kind: str, rule: Rule, scheme: str, group: int, stored: dict) -> str:
     leaf = path.rpartition(".")[2]
     if kind == "other" or (kind == "linear" and leaf in FLOAT_ONLY):
         return "float"
-    impl = (scheme or "float") if rule.impl == "auto" else rule.impl
+    if rule.impl == "auto" and scheme == "auto":
+        return _auto(path, m, kind, stored)
+    impl = {"none": "float"}.get(scheme, scheme) if rule.impl == "auto" else rule.impl
     if impl == "int4":
         if any(k % group for _, k in _matrices(m, kind)):
             return "int8"  # the input does not split into groups
@@ -109,9 +145,13 @@ def _device(wanted: str, user: bool, warned: list[bool]) -> str:
     return "cpu"
 
 
-def plan(model: nn.Module, rules: list[Rule] | None, scheme: str | None, group: int = 32) -> list[Placed]:
+def plan(
+    model: nn.Module, rules: list[Rule] | None, scheme: str = "none", group: int = 32, stored: dict | None = None
+) -> list[Placed]:
     """Where each unit of `model` goes. `rules`: a user's (every rule must match some module), or None for
-    the model's built-in set. `scheme`: the `--quantize` scheme that `impl: auto` means (None: float)."""
+    the model's built-in set. `scheme`: the `--quantize` choice that `impl: auto` means (auto, none, int8,
+    int4). `stored`: the checkpoint's quantized weights (`stored_quantized`)."""
+    stored = stored or {}
     user = rules is not None
     rules = rules if user else BUILTIN.get(type(model).__name__, BUILTIN["LlamaForCausalLM"])
     found = units(model)
@@ -128,7 +168,7 @@ def plan(model: nn.Module, rules: list[Rule] | None, scheme: str | None, group: 
     seen: set[int] = set()
     for path, m, kind, classes in found:
         rule = next((r for r in rules if r.matches(path, classes)), DEFAULT)
-        impl = _impl(path, m, kind, rule, scheme, group)
+        impl = _impl(path, m, kind, rule, scheme, group, stored)
         if impl == "float":
             nbytes = _float_bytes(m, seen)
         else:
@@ -138,8 +178,11 @@ def plan(model: nn.Module, rules: list[Rule] | None, scheme: str | None, group: 
     return out
 
 
-def apply(model: nn.Module, placed: list[Placed], group: int = 32, kernels=None) -> None:
-    """Swap in each unit's implementation (modules already on their device: the CPU)."""
+def apply(model: nn.Module, placed: list[Placed], group: int = 32, kernels=None, stored: dict | None = None) -> None:
+    """Swap in each unit's implementation (modules already on their device: the CPU). An int4 layer takes
+    the checkpoint's own 4-bit blocks where `stored` has them (exact), and quantizes the float rows
+    elsewhere."""
+    stored = stored or {}
     for p in placed:
         if p.impl == "float":
             continue
@@ -148,6 +191,14 @@ def apply(model: nn.Module, placed: list[Placed], group: int = 32, kernels=None)
         child = getattr(parent, name)
         if p.kind == "experts":
             setattr(parent, name, QuantizedExperts(child, p.impl, group, kernels))
+        elif p.impl == "int4":
+            parts = []
+            for shard, lo, hi in _shards(child):
+                blocks = stored.get((p.path, shard))
+                repackable = blocks is not None and blocks[1] in REPACKABLE
+                parts.append(repack(*blocks) if repackable else int4_parts(child.weight.detach()[lo:hi], group))
+            joined = tuple(torch.cat(t) for t in zip(*parts))
+            setattr(parent, name, Int4Linear(None, child.bias, group, kernels, parts=joined))
         else:
             setattr(parent, name, quantized(child.weight.detach(), child.bias, p.impl, group, kernels))
 
