@@ -27,14 +27,20 @@ def _layer_error(layer, w, b, x) -> float:
 def test_int8_layer_is_close_to_float(shape):
     torch.manual_seed(0)
     w, b = torch.randn(shape) * 0.05, torch.randn(shape[0])
-    layer = Int8Linear(w, b)
-    # the kernel's weight is exactly round(w / scale) * scale with a bf16 scale per channel
-    scale = (w.abs().amax(1) / 127).to(torch.bfloat16).float()
-    assert (layer.dequantized() - w).abs().max() <= (scale / 2 + w.abs().amax(1) * 2**-8).max()
-    for tokens in (1, 7, 64):
+    layer = Int8Linear(w, b, cpu_kernels())
+    plain = Int8Linear(w, b)  # no kernels: the dequantized weight, exactly
+    scale = w.abs().amax(1) / 127  # the weight is round(w / scale) * scale, a float32 scale per row
+    assert ((layer.dequantized() - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+    for tokens in (1, 7, 16, 64):
         x = torch.randn(tokens, shape[1])
-        assert _layer_error(layer, w, b, x) < 0.01  # bf16 activations + 8-bit weights
+        exact = F.linear(x, layer.dequantized(), b)
+        assert ((layer(x) - exact).norm() / exact.norm()).item() < 1e-4  # int16 activations in the kernel
+        assert torch.allclose(plain(x), exact, atol=1e-5)
+        assert _layer_error(layer, w, b, x) < 0.01  # 8-bit weights
     assert layer(torch.randn(2, 3, shape[1])).shape == (2, 3, shape[0])
+    rows = torch.randn(24, shape[1])
+    alone = torch.cat([layer(r[None]) for r in rows])
+    assert torch.allclose(layer(rows), alone, atol=1e-3)  # a token alone (kernel) = in a prefill (GEMM)
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])

@@ -5,7 +5,8 @@ cache (the torch path gathers a copy of every context first), few-token linear l
 weights at the machine's read bandwidth (torch's CPU GEMV paths reach about half of it), and the
 elementwise chains between matmuls fused into one pass each (norm + residual, RoPE + KV write,
 SiLU * up), which at decode time cost as much as the matmuls when run as ~30 small ops, and the 4-bit
-linear layer (PyTorch's int4 CPU kernel is compute-bound on AVX2 machines). When no
+and 8-bit linear layers (PyTorch's int4 CPU kernel is compute-bound on AVX2 machines; its int8 one
+rounds activations and outputs to bf16). When no
 compiler is available the callers fall back to torch ops with the same results.
 """
 
@@ -23,7 +24,7 @@ import xxhash
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [
-    _CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "cpu_linear.cpp", "fused.cpp", "q4_linear.cpp")
+    _CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "cpu_linear.cpp", "fused.cpp", "quant_linear.cpp")
 ]
 _HEADERS = [_CSRC / "vec.h"]
 

@@ -1,14 +1,15 @@
 """Weight-only quantized linear layers for the CPU, and the module swap that installs them.
 
 Decode reads every weight once per token, so fewer bytes per weight is more tokens per second.
-- `int8`: one int8 per weight, a scale per output channel (symmetric, round to nearest), on
-  PyTorch's `aten._weight_int8pack_mm`, which is fast with bfloat16 activations and scales (15-25x
-  slower with float32), so the layer computes in bfloat16 and returns the caller's dtype.
+- `int8`: one int8 per weight, a float32 scale per output channel (symmetric, round to nearest).
 - `int4`: 4 bits per weight in groups of `group_size` along the input, a float32 scale and minimum per
-  group (w ~ q * scale + min, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly), on
-  kvtrove's C++ kernel: PyTorch's
-  `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (measured),
-  a third of the memory bound decode could reach.
+  group (w ~ q * scale + min, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly).
+Both run kvtrove's C++ kernels (`csrc/quant_linear.cpp`) for few tokens, with activations rounded to
+int16 per 32 (the float result to ~1e-5, so a token's numbers do not depend on the step it is computed
+in), and a float GEMM on the weight dequantized per call for prefill. PyTorch's kernels were measured
+first: `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (compute-
+bound), and `_weight_int8pack_mm` is fast only with bf16 activations and returns bf16, which rounds an
+output head's logits to 8 bits of mantissa, differently per batch size.
 Model files stay free of quantization code: placement (`kvtrove.placement`) swaps these in after loading.
 """
 
@@ -21,30 +22,37 @@ from torch import nn
 from kvtrove.config import GROUP_SIZES
 from kvtrove.config import QUANT_SCHEMES as SCHEMES
 
-COMPUTE = torch.bfloat16
 FEW_TOKENS = 16
-"""Up to this many tokens the int4 kernel; beyond, the weight dequantized per call and a float GEMM."""
+"""Up to this many tokens the kernels; beyond, the weight dequantized per call and a float GEMM."""
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    """8-bit weights, a float32 scale per output row (symmetric, round to nearest). Few tokens run
+    kvtrove's C++ kernel (int16 activations: the float result to ~1e-5); more tokens, or no kernel, the
+    weight dequantized per call with a float GEMM."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None):
         super().__init__()
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous())
-        self.register_buffer("scales", scale.to(COMPUTE))
+        self.register_buffer("scales", scale.contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.kernels = kernels
         self.out_features, self.in_features = weight.shape
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]
+        return self.qweight.float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.kernels is not None and x2.shape[0] <= FEW_TOKENS and self.in_features % 32 == 0:
+            y = self.kernels.q8_linear(x2, self.qweight, self.scales)
+        else:
+            y = F.linear(x2, self.dequantized())
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 def int4_parts(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,16 +138,16 @@ class QuantizedExperts(nn.Module):
 
 
 def quantized_bytes(n: int, k: int, scheme: str) -> int:
-    """Bytes of an [n, k] weight in `scheme` (int8: weights + a bf16 scale per row; int4: half a byte per
+    """Bytes of an [n, k] weight in `scheme` (int8: weights + a float32 scale per row; int4: half a byte per
     weight + a float32 scale and minimum per 32)."""
-    return n * k + 2 * n if scheme == "int8" else n * k // 2 + 8 * (n * k // 32)
+    return n * k + 4 * n if scheme == "int8" else n * k // 2 + 8 * (n * k // 32)
 
 
 def quantized(
     weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, group_size: int = 32, kernels=None
 ) -> nn.Module:
     if scheme == "int8":
-        return Int8Linear(weight, bias)
+        return Int8Linear(weight, bias, kernels)
     if scheme == "int4":
         return Int4Linear(weight, bias, group_size, kernels)
     raise ValueError(f"quantize must be one of {SCHEMES}, got {scheme!r}")

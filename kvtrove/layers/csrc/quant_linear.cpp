@@ -1,12 +1,17 @@
-// y = x W^T with 4-bit weights: w = q * scale + min per group of 32 along K, q in 0..15.
+// Weight-only quantized linear layers for few tokens (decode), y = x W^T:
+// - q4_linear: 4-bit weights, w = q * scale + min per group of 32 along K, q in 0..15;
+// - q8_linear: 8-bit weights, w = q * scale per output row, q in -127..127.
 // PyTorch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) is compute-bound on AVX2 machines (4.6-6.4
 // GB/s of weights on one row, measured here against ~19 GB/s of DRAM), so decode cannot reach the
 // memory bound with it. Here the activations are rounded once per call to int16 per group of 32
 // (scale dx = max|x| / 32767: a relative error ~1e-5, so a token's numbers match the float GEMM that
 // prefill uses, computed alone or in a batch, cached or not), and a group's sum of q * xq is an integer
 // dot product (madd: 16-bit weights times 16-bit activations, summed in int32):
-//   y = sum_g scale_g * dx_g * (q . xq)_g + min_g * (sum of x over g).
-// Layout: qw [N, K/2] uint8, 16 bytes per group, byte j holding q[j] (low nibble) and q[j + 16] (high).
+//   y = sum_g scale_g * dx_g * (q . xq)_g + min_g * (sum of x over g)     (int4)
+//   y = scale * sum_g dx_g * (q . xq)_g                                    (int8)
+// PyTorch's int8 kernel (_weight_int8pack_mm) is fast only with bf16 activations and returns bf16, which
+// rounds an output head's logits to 8 bits of mantissa (and the rounding differs with the batch size).
+// Layout: int4 qw [N, K/2] uint8, 16 bytes per group, byte j holding q[j] (low nibble) and q[j + 16] (high).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -109,6 +114,43 @@ void rows(const uint8_t* qw, const float* scales, const float* mins, const int16
   }
 }
 
+// int8: rows [n0, n1) for tokens [m0, m0 + mb).
+void rows8(const int8_t* qw, const float* scales, const int16_t* xq, const float* dx, float* y, int64_t n0,
+           int64_t n1, int64_t m0, int mb, int64_t K, int64_t N) {
+  const int64_t groups = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = qw + n * K;
+#ifdef KVT_AVX2
+    __m256 acc[MB], acc2[MB];
+    for (int m = 0; m < mb; ++m) acc[m] = acc2[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * G)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * G + 16)));
+      for (int m = 0; m < mb; ++m) {
+        const int64_t i = (m0 + m) * groups + g;
+        const int16_t* xm = xq + i * G;
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, load16(xm)));
+        const __m256 e = _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, load16(xm + 16)));
+        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dx[i]), d, acc[m]);
+        acc2[m] = _mm256_fmadd_ps(_mm256_set1_ps(dx[i]), e, acc2[m]);
+      }
+    }
+    for (int m = 0; m < mb; ++m) y[(m0 + m) * N + n] = scales[n] * kvt::hsum(_mm256_add_ps(acc[m], acc2[m]));
+#else
+    for (int m = 0; m < mb; ++m) {
+      float s = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = (m0 + m) * groups + g;
+        int32_t d = 0;
+        for (int j = 0; j < G; ++j) d += q[g * G + j] * xq[i * G + j];
+        s += dx[i] * static_cast<float>(d);
+      }
+      y[(m0 + m) * N + n] = scales[n] * s;
+    }
+#endif
+  }
+}
+
 }  // namespace
 
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
@@ -135,6 +177,32 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
       const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
       rows(q, sc, mn, xq.data(), dx.data(), xsum.data(), out, n0, n1, m0, mb, K, N);
+    }
+  });
+  return y;
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q8_linear: float32 x [M, K] expected");
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  TORCH_CHECK(K % G == 0, "q8_linear: K must be a multiple of 32");
+  TORCH_CHECK(qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.dim() == 2 && qw.size(1) == K,
+              "q8_linear: int8 weights [N, K] expected");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "q8_linear: float32 scales [N] expected");
+  const auto xc = x.contiguous();
+  const int64_t groups = K / G;
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> dx(M * groups), xsum(M * groups);
+  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data());
+  auto y = torch::empty({M, N}, xc.options());
+  const int8_t* q = qw.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
+      rows8(q, sc, xq.data(), dx.data(), out, n0, n1, m0, mb, K, N);
     }
   });
   return y;
