@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from kvtrove import LLM
+from kvtrove.layers.kernels import cpu_kernels
 from kvtrove.layers.linear import CpuLinear
 from kvtrove.layers.quant import Int4Linear, Int8Linear
 from kvtrove.loader.gguf_repack import repack
@@ -28,11 +29,12 @@ def _blocks(qtype: Q, rows: int, cols: int) -> np.ndarray:
     return raw
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
-def test_repacked_blocks_dequantize_exactly_like_gguf(qtype):
+def test_repacked_blocks_dequantize_exactly_like_gguf(qtype, kernels):
     raw = _blocks(qtype, 96, 512)
     want = torch.from_numpy(quants.dequantize(raw, qtype))
-    layer = Int4Linear(None, None, parts=repack(raw, qtype))
+    layer = Int4Linear(None, None, kernels=cpu_kernels() if kernels else None, parts=repack(raw, qtype))
     assert layer.in_features == 512 and layer.out_features == 96
     assert torch.equal(layer.dequantized(), want)  # bit for bit: fp16 scales times small ints are exact in float32
 

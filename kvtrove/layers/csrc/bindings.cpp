@@ -11,6 +11,7 @@ void rope_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
                         const torch::Tensor& mins);
+torch::Tensor q4_dequantize(const torch::Tensor& qw, const torch::Tensor& scales, const torch::Tensor& mins);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,5 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store, "RoPE on q/k heads in place, then k/v into the paged cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("q4_linear", &q4_linear, "y = x W^T, W 4-bit per group of 32 (q * scale + min)");
+  m.def("q4_dequantize", &q4_dequantize, "the float32 weight [N, K] of a 4-bit one");
   m.def("q8_linear", &q8_linear, "y = x W^T, W 8-bit per output row (q * scale)");
 }

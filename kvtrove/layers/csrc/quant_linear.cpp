@@ -207,3 +207,32 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
   });
   return y;
 }
+
+// One group's 32 weights, q * scale + min rounded after the product and after the sum (no FMA), as the
+// gguf package computes Q4_0 / Q4_1 / Q4_K weights: a repacked file's weights come out bit for bit.
+__attribute__((optimize("fp-contract=off"))) static void dequantize_group(const uint8_t* b, float s, float m,
+                                                                          float* o) {
+  for (int j = 0; j < G / 2; ++j) {
+    o[j] = static_cast<float>(b[j] & 0x0F) * s + m;
+    o[j + G / 2] = static_cast<float>(b[j] >> 4) * s + m;
+  }
+}
+
+// The float weight [N, K] of a 4-bit one, in one pass (prefill runs a float GEMM on it).
+torch::Tensor q4_dequantize(const torch::Tensor& qw, const torch::Tensor& scales, const torch::Tensor& mins) {
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.dim() == 2,
+              "q4_dequantize: uint8 weights [N, K/2] expected");
+  const int64_t N = qw.size(0), K = qw.size(1) * 2, groups = K / G;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  mins.is_contiguous() && scales.numel() == N * groups && mins.numel() == N * groups,
+              "q4_dequantize: float32 scales and mins [N, K/32] expected");
+  auto w = torch::empty({N, K}, scales.options());
+  const uint8_t* q = qw.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const float* mn = mins.data_ptr<float>();
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N * groups, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dequantize_group(q + i * (G / 2), sc[i], mn[i], out + i * G);
+  });
+  return w;
+}
