@@ -140,3 +140,16 @@ def test_moe_model_quantized_end_to_end(tiny_model, arch):
     outs = llm.generate(["one two three", "four five"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert all(len(o.token_ids) == 8 for o in outs)
     assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("k", [32, 96, 160, 224, 256])  # 1, 3, 5, 7, 8 groups: paired, unpaired tails
+def test_kernels_on_odd_group_counts(k):
+    torch.manual_seed(k)
+    w = torch.randn(40, k) * 0.05
+    for layer in (Int4Linear(w, None, 32, cpu_kernels()), Int8Linear(w, None, cpu_kernels())):
+        assert layer.kernels is not None, "the C++ kernels did not build"
+        deq = layer.dequantized()
+        for tokens in range(1, 7):
+            x = torch.randn(tokens, k)
+            exact = x @ deq.t()
+            assert ((layer(x) - exact).norm() / exact.norm()).item() < 1e-4, (type(layer).__name__, tokens)

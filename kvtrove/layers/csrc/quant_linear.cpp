@@ -25,8 +25,19 @@ namespace {
 constexpr int64_t G = 32;
 constexpr int MB = 4;  // tokens per pass over a row: each group's weights are unpacked once for MB tokens
 
+// Where activation j of group g goes in xq for the int4 kernel. With AVX2, groups are handled in pairs:
+// one 32-byte load holds two groups' weights, whose nibbles widen to 16 bits in-lane as
+// [g 0-7 | g+1 0-7], [g 8-15 | g+1 8-15], [g 16-23 | g+1 16-23], [g 24-31 | g+1 24-31], so a pair's 64
+// activations are stored in that order; an unpaired last group (and the int8 kernel) keep plain order.
+inline int64_t slot(int64_t g, int64_t groups, int j, bool paired) {
+#ifdef KVT_AVX2
+  if (paired && (groups % 2 == 0 || g + 1 < groups)) return (g & ~int64_t(1)) * G + (j / 8) * 16 + (g & 1) * 8 + j % 8;
+#endif
+  return g * G + j;
+}
+
 // Per token and group: int16 activations, their scale and the sum of the original values.
-void quantize_x(const float* x, int64_t M, int64_t K, int16_t* xq, float* dx, float* xsum) {
+void quantize_x(const float* x, int64_t M, int64_t K, int16_t* xq, float* dx, float* xsum, bool paired) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -38,7 +49,8 @@ void quantize_x(const float* x, int64_t M, int64_t K, int16_t* xq, float* dx, fl
       }
       const float d = amax / 32767.f;
       const float inv = d > 0.f ? 1.f / d : 0.f;
-      for (int j = 0; j < G; ++j) xq[i * G + j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
+      const int64_t m = i / groups, g = i % groups;
+      for (int j = 0; j < G; ++j) xq[m * K + slot(g, groups, j, paired)] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
       dx[i] = d;
       xsum[i] = s;
     }
@@ -53,6 +65,17 @@ inline void unpack(const uint8_t* q, __m256i& lo, __m256i& hi) {
   const __m128i m4 = _mm_set1_epi8(0x0F);
   lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, m4));
   hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), m4));
+}
+// Two groups' q . xq (xq in pair order): lanes 0-3 partial sums of group g, lanes 4-7 of g + 1, in float.
+inline __m256 pdot(const uint8_t* q, const int16_t* xq) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i m4 = _mm256_set1_epi8(0x0F), z = _mm256_setzero_si256();
+  const __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+  const __m256i s0 = _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, z), load16(xq));
+  const __m256i s1 = _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, z), load16(xq + 16));
+  const __m256i s2 = _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, z), load16(xq + 32));
+  const __m256i s3 = _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, z), load16(xq + 48));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3)));
 }
 // q . xq of one group as 8 partial int32 sums, in float.
 inline __m256 gdot(__m256i lo, __m256i hi, const int16_t* xq) {
@@ -73,15 +96,21 @@ void rows(const uint8_t* qw, const float* scales, const float* mins, const int16
     __m256 acc[MB], acc2[MB];  // two FMA chains in flight
     for (int m = 0; m < mb; ++m) acc[m] = acc2[m] = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      __m256i lo0, hi0, lo1, hi1;
-      unpack(q + g * (G / 2), lo0, hi0);
-      unpack(q + (g + 1) * (G / 2), lo1, hi1);
+    for (; g + 4 <= groups; g += 4) {
       for (int m = 0; m < mb; ++m) {
         const int64_t i = (m0 + m) * groups + g;
         const int16_t* xm = xq + i * G;
-        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * dx[i]), gdot(lo0, hi0, xm), acc[m]);
-        acc2[m] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g + 1] * dx[i + 1]), gdot(lo1, hi1, xm + G), acc2[m]);
+        const __m256 s0 = _mm256_set_m128(_mm_set1_ps(sc[g + 1] * dx[i + 1]), _mm_set1_ps(sc[g] * dx[i]));
+        const __m256 s1 = _mm256_set_m128(_mm_set1_ps(sc[g + 3] * dx[i + 3]), _mm_set1_ps(sc[g + 2] * dx[i + 2]));
+        acc[m] = _mm256_fmadd_ps(s0, pdot(q + g * (G / 2), xm), acc[m]);
+        acc2[m] = _mm256_fmadd_ps(s1, pdot(q + (g + 2) * (G / 2), xm + 2 * G), acc2[m]);
+      }
+    }
+    for (; g + 2 <= groups; g += 2) {
+      for (int m = 0; m < mb; ++m) {
+        const int64_t i = (m0 + m) * groups + g;
+        const __m256 s0 = _mm256_set_m128(_mm_set1_ps(sc[g + 1] * dx[i + 1]), _mm_set1_ps(sc[g] * dx[i]));
+        acc[m] = _mm256_fmadd_ps(s0, pdot(q + g * (G / 2), xq + i * G), acc[m]);
       }
     }
     if (g < groups) {
@@ -167,7 +196,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
   const int64_t groups = K / G;
   std::vector<int16_t> xq(M * K);
   std::vector<float> dx(M * groups), xsum(M * groups);
-  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data());
+  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data(), true);
   auto y = torch::empty({M, N}, xc.options());
   const uint8_t* q = qw.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
@@ -194,7 +223,7 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
   const int64_t groups = K / G;
   std::vector<int16_t> xq(M * K);
   std::vector<float> dx(M * groups), xsum(M * groups);
-  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data());
+  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data(), false);
   auto y = torch::empty({M, N}, xc.options());
   const int8_t* q = qw.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
