@@ -63,6 +63,12 @@ class Experts(nn.Module):
 def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
     """sum_j weights[t, j] * expert(chosen[t, j], x[t]) for every token t, one `expert(e, rows)` call per
     chosen expert. x [T, E_h]; weights, chosen [T, k]."""
+    if x.shape[0] == 1:  # one token (decode): no grouping to do
+        out = None
+        for e, w in zip(chosen[0].tolist(), weights[0].unbind()):
+            y = expert(e, x) * w.to(x.dtype)
+            out = y if out is None else out.add_(y)
+        return out
     k = chosen.shape[1]
     flat = chosen.reshape(-1)
     order = flat.argsort(stable=True)
