@@ -152,7 +152,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("core", "kv_store", "server", "pool", "moe")
+BENCHMARKS = ("core", "kv_store", "server", "pool", "moe", "quant")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_flags(router)
     router.set_defaults(func=cmd_router)
     bench = sub.add_parser(
-        "bench", help="run a benchmark: core (engine vs HF and llama.cpp), kv_store, server, pool, moe"
+        "bench", help="run a benchmark: core (engine vs HF and llama.cpp), kv_store, server, pool, moe, quant"
     )
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
