@@ -125,3 +125,19 @@ def test_fingerprint_follows_content_not_location(tiny_model, smollm_path, tmp_p
     g = load_checkpoint(smollm_path, torch.float32).fingerprint
     monkeypatch.setenv("KVTROVE_CACHE_DIR", str(tmp_path / "other-cache"))
     assert load_checkpoint(smollm_path, torch.float32).fingerprint == g
+
+
+def test_deepseek_v3_checkpoint_with_its_mtp_layer_loads(tiny_model, tmp_path):
+    """V3 checkpoints keep the multi-token-prediction module as one more layer; it is not used for decoding."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = tiny_model("deepseek-v3")
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    save_file({"model.layers.2.eh_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "mtp.safetensors"))
+    llm = LLM(model=str(tmp_path), num_blocks=8, kv_host_gb=0, kv_disk_gb=0)
+    assert len(llm.engine.model.model.layers) == 2
+    save_file({"model.layers.1.self_attn.extra.weight": torch.zeros(4, 4)}, str(tmp_path / "mtp.safetensors"))
+    with pytest.raises(ValueError, match="has no place"):
+        LLM(model=str(tmp_path), num_blocks=8, kv_host_gb=0, kv_disk_gb=0)

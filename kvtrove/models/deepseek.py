@@ -16,6 +16,7 @@ Legend: T = tokens, E = hidden size, H = heads, N/P/V = non-RoPE / RoPE / value 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,15 @@ class DeepseekMoE(nn.Module):
 class DeepseekForCausalLM(LlamaForCausalLM):
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     make_attention = DeepseekAttention
+
+    def __init__(self, cfg, max_positions: int, dtype: torch.dtype):
+        super().__init__(cfg, max_positions, dtype)
+        self.num_layers = cfg.num_hidden_layers
+
+    def unused_tensor(self, name: str) -> bool:
+        """V3 checkpoints carry their multi-token-prediction module as layers past `num_hidden_layers`."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return super().unused_tensor(name) or (m is not None and int(m[1]) >= self.num_layers)
 
     @staticmethod
     def make_mlp(cfg, layer: int) -> nn.Module:

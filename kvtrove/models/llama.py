@@ -127,6 +127,10 @@ class LlamaForCausalLM(nn.Module):
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.tie_weights()
 
+    def unused_tensor(self, name: str) -> bool:
+        """Checkpoint tensors this model has no use for (older checkpoints store RoPE's inverse frequencies)."""
+        return name.endswith("rotary_emb.inv_freq")
+
     def tie_weights(self) -> None:
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight

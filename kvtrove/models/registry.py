@@ -108,7 +108,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
             loaded.add(f"{fused}.{param}#{shard}")
             continue
         if name not in params:
-            if name.endswith("rotary_emb.inv_freq"):
+            if model.unused_tensor(name):
                 continue
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         if params[name].shape != tensor.shape:
