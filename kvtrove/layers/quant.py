@@ -5,8 +5,8 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
 - `int4`: 4 bits per weight in groups of `group_size` along the input, a float32 scale and minimum per
   group (w ~ q * scale + min, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly).
 Both run kvtrove's C++ kernels (`csrc/quant_linear.cpp`) for few tokens, with activations rounded to
-int16 per 32 (the float result to ~1e-5, so a token's numbers do not depend on the step it is computed
-in), and a float GEMM on the weight dequantized per call for prefill. PyTorch's kernels were measured
+int16 per 32 (the float result to ~1e-5), and for prefill a float GEMM on the weight dequantized per
+call, fed the same rounded activations (so a token's numbers do not depend on the step it is in). PyTorch's kernels were measured
 first: `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (compute-
 bound), and `_weight_int8pack_mm` is fast only with bf16 activations and returns bf16, which rounds an
 output head's logits to 8 bits of mantissa, differently per batch size.
@@ -25,6 +25,19 @@ from kvtrove.layers.activation import SiluAndMul
 
 FEW_TOKENS = 16
 """Up to this many tokens the kernels; beyond, the weight dequantized per call and a float GEMM."""
+
+
+def round_like_kernels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 rounded as the kernels round activations (int16 per 32, scale max|x| / 32767), and
+    per group of 32 what the rounding lost from the sum ([T, K/32]; the int4 kernel applies each group's
+    min to the exact sum). Prefill GEMMs take the same rounded activations, so a token's numbers do not
+    depend on whether it is computed in a decode step or a prefill (only on summation order, ~1e-7)."""
+    T, K = x.shape
+    g = x.view(T, K // 32, 32)
+    d = g.abs().amax(-1, keepdim=True) / 32767
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    rounded = (g * inv).round_().mul_(d)
+    return rounded.view(T, K), g.sum(-1) - rounded.sum(-1)
 
 
 class Int8Linear(nn.Module):
@@ -50,7 +63,8 @@ class Int8Linear(nn.Module):
         if self.kernels is not None and x2.shape[0] <= FEW_TOKENS and self.in_features % 32 == 0:
             y = self.kernels.q8_linear(x2, self.qweight, self.scales)
         else:
-            y = F.linear(x2, self.dequantized())
+            rounded = round_like_kernels(x2)[0] if self.in_features % 32 == 0 else x2  # (no kernel for those)
+            y = F.linear(rounded, self.dequantized())
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -121,7 +135,8 @@ class Int4Linear(nn.Module):
         if self.kernels is not None and x2.shape[0] <= FEW_TOKENS:  # decode: bound by reading the weights
             y = self.kernels.q4_linear(x2, self.qweight, self.scales, self.mins)
         else:  # prefill: bound by arithmetic, which a float GEMM does best
-            y = F.linear(x2, self.dequantized())
+            rounded, lost = round_like_kernels(x2)
+            y = torch.addmm(F.linear(rounded, self.dequantized()), lost, self.mins.t())
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
