@@ -71,7 +71,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(args))
-    print(f"loaded {llm.engine.config.model.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    impls = sorted({p.impl for p in llm.engine.placement if p.kind != "other"})
+    print(
+        f"loaded {llm.engine.config.model.model} ({args.dtype}, quantize={args.quantize}: "
+        f"{' + '.join(impls)} weights) in {time.perf_counter() - t0:.1f}s"
+    )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     messages = [{"role": "user", "content": args.prompt}]
     for turn, follow_up in enumerate((args.follow_up, None), start=1):

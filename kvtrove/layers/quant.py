@@ -6,10 +6,11 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
   group (w ~ q * scale + min, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly).
 Both run kvtrove's C++ kernels (`csrc/quant_linear.cpp`) for few tokens, with activations rounded to
 int16 per 32 (the float result to ~1e-5), and for prefill a float GEMM on the weight dequantized per
-call, fed the same rounded activations (so a token's numbers do not depend on the step it is in). PyTorch's kernels were measured
-first: `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of weights on AVX2 machines (compute-
-bound), and `_weight_int8pack_mm` is fast only with bf16 activations and returns bf16, which rounds an
-output head's logits to 8 bits of mantissa, differently per batch size.
+call, fed the same rounded activations (so a token's numbers do not depend on the step it is in).
+PyTorch's kernels were measured first: `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of
+weights on AVX2 machines (compute-bound), and `_weight_int8pack_mm` is fast only with bf16 activations
+and returns bf16, which rounds an output head's logits to 8 bits of mantissa, differently per batch
+size.
 Model files stay free of quantization code: placement (`kvtrove.placement`) swaps these in after loading.
 """
 
