@@ -182,59 +182,63 @@ void rows8(const int8_t* qw, const float* scales, const int16_t* xq, const float
 
 }  // namespace
 
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
-                        const torch::Tensor& mins) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q4_linear: float32 x [M, K] expected");
-  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
-  TORCH_CHECK(K % G == 0, "q4_linear: K must be a multiple of 32");
-  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.dim() == 2 && qw.size(1) == K / 2,
-              "q4_linear: uint8 weights [N, K/2] expected");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  mins.is_contiguous() && scales.numel() == N * (K / G) && mins.numel() == N * (K / G),
-              "q4_linear: float32 scales and mins [N, K/32] expected");
-  const auto xc = x.contiguous();
-  const int64_t groups = K / G;
+namespace {
+
+// The shared frame of both kernels: x [M, K] rounded to int16 once, then `tile(xq, dx, xsum, y, n0, n1,
+// m0, mb)` over output rows [n0, n1) (in parallel) for tiles of up to MB tokens.
+template <typename Tile>
+torch::Tensor run_rows(const torch::Tensor& xc, int64_t N, bool paired, Tile tile) {
+  const int64_t M = xc.size(0), K = xc.size(1), groups = K / G;
   std::vector<int16_t> xq(M * K);
   std::vector<float> dx(M * groups), xsum(M * groups);
-  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data(), true);
+  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data(), paired);
   auto y = torch::empty({M, N}, xc.options());
-  const uint8_t* q = qw.data_ptr<uint8_t>();
-  const float* sc = scales.data_ptr<float>();
-  const float* mn = mins.data_ptr<float>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
-      rows(q, sc, mn, xq.data(), dx.data(), xsum.data(), out, n0, n1, m0, mb, K, N);
+      tile(xq.data(), dx.data(), xsum.data(), out, n0, n1, m0, static_cast<int>(std::min<int64_t>(MB, M - m0)));
     }
   });
   return y;
 }
 
+torch::Tensor checked_x(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, name, ": float32 x [M, K] expected");
+  TORCH_CHECK(x.size(1) % G == 0, name, ": K must be a multiple of 32");
+  return x.contiguous();
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
+                        const torch::Tensor& mins) {
+  const auto xc = checked_x(x, "q4_linear");
+  const int64_t K = xc.size(1), N = qw.size(0);
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.dim() == 2 && qw.size(1) == K / 2,
+              "q4_linear: uint8 weights [N, K/2] expected");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  mins.is_contiguous() && scales.numel() == N * (K / G) && mins.numel() == N * (K / G),
+              "q4_linear: float32 scales and mins [N, K/32] expected");
+  const uint8_t* q = qw.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const float* mn = mins.data_ptr<float>();
+  return run_rows(xc, N, true, [&](const int16_t* xq, const float* dx, const float* xsum, float* y, int64_t n0,
+                                  int64_t n1, int64_t m0, int mb) {
+    rows(q, sc, mn, xq, dx, xsum, y, n0, n1, m0, mb, K, N);
+  });
+}
+
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q8_linear: float32 x [M, K] expected");
-  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
-  TORCH_CHECK(K % G == 0, "q8_linear: K must be a multiple of 32");
+  const auto xc = checked_x(x, "q8_linear");
+  const int64_t K = xc.size(1), N = qw.size(0);
   TORCH_CHECK(qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.dim() == 2 && qw.size(1) == K,
               "q8_linear: int8 weights [N, K] expected");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
               "q8_linear: float32 scales [N] expected");
-  const auto xc = x.contiguous();
-  const int64_t groups = K / G;
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> dx(M * groups), xsum(M * groups);
-  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data(), false);
-  auto y = torch::empty({M, N}, xc.options());
   const int8_t* q = qw.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
-      rows8(q, sc, xq.data(), dx.data(), out, n0, n1, m0, mb, K, N);
-    }
-  });
-  return y;
+  return run_rows(xc, N, false, [&](const int16_t* xq, const float* dx, const float*, float* y, int64_t n0,
+                                   int64_t n1, int64_t m0, int mb) { rows8(q, sc, xq, dx, y, n0, n1, m0, mb, K, N); });
 }
 
 // One group's 32 weights, q * scale + min rounded after the product and after the sum (no FMA), as the
