@@ -160,13 +160,19 @@ def llamacpp_decode(ids: list[int], n: int) -> float | None:
         return None
     llm = Llama(model_path=default_model_path(), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
     llm.create_completion(ids[:8], max_tokens=4, temperature=0)  # warm-up
+    return llamacpp_timed(llm, ids, n)[1]
+
+
+def llamacpp_timed(llm, ids: list[int], n: int) -> tuple[float, float | None]:
+    """(seconds to the first streamed token, tokens/s from the first token to the last) of one completion."""
+    t0 = time.perf_counter()
     first = None
     count = 0
     for _ in llm.create_completion(ids, max_tokens=n, temperature=0, stream=True):
         count += 1
         if first is None:
             first = time.perf_counter()
-    return (count - 1) / (time.perf_counter() - first) if count > 1 else None
+    return first - t0, (count - 1) / (time.perf_counter() - first) if count > 1 else None
 
 
 def compare_dtype(dtype: str, p2048, p512, n: int, bw: float, prefill_target: str, decode_target: str):

@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.core import hardware, prompt_ids
+from bench.core import hardware, llamacpp_timed, prompt_ids
 from kvtrove import LLM, SamplingParams
 from kvtrove.config import default_model_path
 
@@ -67,17 +67,9 @@ def llamacpp(path: str, prompts: list[list[int]], n: int) -> tuple[float, float]
     decode = prefill = 0.0
     for ids in prompts:
         llm.reset()
-        t0 = time.perf_counter()
-        first = None
-        count = 0
-        for _ in llm.create_completion(ids, max_tokens=n, temperature=0, stream=True):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        prefill = max(prefill, len(ids) / (first - t0))
-        if count > 1:
-            decode = max(decode, (count - 1) / (end - first))
+        ttft, rate = llamacpp_timed(llm, ids, n)
+        prefill = max(prefill, len(ids) / ttft)
+        decode = max(decode, rate or 0.0)
     return decode, prefill
 
 
