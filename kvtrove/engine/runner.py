@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvtrove.engine import fused_decode
 from kvtrove.engine.request import Request
 from kvtrove.engine.scheduler import ScheduledBatch
 from kvtrove.layers.attention import AttentionMetadata, PrefillSeq
@@ -29,6 +30,8 @@ class ModelRunner:
             layer.kv_cache = self.kv_cache[i]
         # the same memory by block: [layers, parts, heads, blocks, block size, dim]
         self.kv_blocks = self.kv_cache.view(len(layers), parts, heads, num_blocks, block_size, dim)
+        self.fused_decode = fused_decode.build(model)
+        """Decode steps in one C++ call, for the models it covers (None: the modules run every step)."""
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of the KV of `block_ids`: [layers, parts, heads, len(block_ids), block size, dim]."""
@@ -103,7 +106,8 @@ class ModelRunner:
             meta.decode_lens = torch.tensor(lens)
             if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
                 meta.decode_mask = ~self._mask(meta.decode_lens - 1, width)
-        hidden = self.model(torch.tensor(ids), torch.cat(positions), meta)
+        run = self.fused_decode if self.fused_decode and self.fused_decode.covers(meta, len(ids)) else self.model
+        hidden = run(torch.tensor(ids), torch.cat(positions), meta)
         if not sample_rows:
             return [], None
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])

@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             T, H, K = x.shape[0], self.num_heads, self.num_kv_heads
             q, k, v = qkv.view(T, H + 2 * K, self.head_dim).split([H, K, K], 1)
-            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], 1).view(T, -1)
+            qkv = torch.cat([self.q_norm(q.contiguous()), self.k_norm(k.contiguous()), v], 1).view(T, -1)
         return self.o_proj(self.attn(qkv, *cos_sin, meta))
 
 

@@ -1,0 +1,112 @@
+// A whole decode step of a Llama-family decoder in one call: embedding, every layer (norms, projections,
+// RoPE + KV write, paged attention, SiLU MLP) and the final norm, running the same kernels in the same
+// order as the modules do (so the numbers are identical), without ~10 Python module calls per layer.
+// At 135M parameters a decode step's Python work costs as much as a third of its kernels.
+// Built once per model by `engine/fused_decode.py` from the modules' own tensors; decode steps of few
+// tokens only (the kernels' range); everything else runs the modules.
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2 };
+
+struct Linear {
+  int64_t kind;
+  std::vector<torch::Tensor> t;  // float: weight; int8: qweight, scales; int4: qweight, scales, mins
+  c10::optional<torch::Tensor> bias;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (kind == kFloat) return ::linear(x, t[0], bias);  // ours, not at::linear
+    auto y = kind == kInt8 ? q8_linear(x, t[0], t[1]) : q4_linear(x, t[0], t[1], t[2]);
+    if (bias) y.add_(*bias);
+    return y;
+  }
+};
+
+using LinearSpec = std::tuple<int64_t, std::vector<torch::Tensor>, c10::optional<torch::Tensor>>;
+
+Linear make_linear(const LinearSpec& s) {
+  const auto& [kind, t, bias] = s;
+  const size_t need = kind == kFloat ? 1 : kind == kInt8 ? 2 : kind == kInt4 ? 3 : 0;
+  TORCH_CHECK(need > 0 && t.size() == need, "decode_stack: linear kind ", kind, " takes ", need, " tensors");
+  return Linear{kind, t, bias};
+}
+
+struct Layer {
+  torch::Tensor input_norm, post_norm;
+  c10::optional<torch::Tensor> q_norm, k_norm;  // Qwen3: RMSNorm over each q / k head
+  Linear qkv, o, gate_up, down;
+  torch::Tensor k_cache, v_cache;  // [K, S, D]
+  int64_t H, K, D, window;
+  double scale;
+};
+
+}  // namespace
+
+class DecodeStack {
+ public:
+  DecodeStack(torch::Tensor embed, torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm, double eps)
+      : embed_(std::move(embed)), cos_(std::move(cos)), sin_(std::move(sin)), final_norm_(std::move(final_norm)),
+        eps_(eps) {}
+
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
+                 c10::optional<torch::Tensor> k_norm, const LinearSpec& qkv, const LinearSpec& o,
+                 const LinearSpec& gate_up, const LinearSpec& down, torch::Tensor k_cache, torch::Tensor v_cache,
+                 int64_t num_heads, double scale, int64_t window) {
+    TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(), "decode_stack: k/v caches [K, S, D]");
+    layers_.push_back(Layer{std::move(input_norm), std::move(post_norm), std::move(q_norm), std::move(k_norm),
+                            make_linear(qkv), make_linear(o), make_linear(gate_up), make_linear(down),
+                            k_cache, v_cache, num_heads, k_cache.size(0), k_cache.size(2), window, scale});
+  }
+
+  // ids, positions, slot_mapping [T]; slots [T, L], lens [T]: one decoding sequence per token. -> [T, E]
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions, const torch::Tensor& slot_mapping,
+                        const torch::Tensor& slots, const torch::Tensor& lens) const {
+    const auto cos = cos_.index_select(0, positions), sin = sin_.index_select(0, positions);
+    torch::Tensor x = embed_.index_select(0, ids), residual;
+    const int64_t T = x.size(0);
+    for (const auto& l : layers_) {
+      torch::Tensor h;
+      if (!residual.defined()) {
+        residual = x;
+        h = add_rms_norm(x, c10::nullopt, l.input_norm, eps_);
+      } else {
+        h = add_rms_norm(x, residual, l.input_norm, eps_);
+      }
+      auto qkv = l.qkv(h);
+      if (l.q_norm) {
+        auto heads = qkv.view({T, l.H + 2 * l.K, l.D});
+        auto q = add_rms_norm(heads.narrow(1, 0, l.H).contiguous(), c10::nullopt, *l.q_norm, eps_);
+        auto k = add_rms_norm(heads.narrow(1, l.H, l.K).contiguous(), c10::nullopt, *l.k_norm, eps_);
+        qkv = torch::cat({q, k, heads.narrow(1, l.H + l.K, l.K)}, 1).view({T, -1});
+      }
+      auto k_cache = l.k_cache, v_cache = l.v_cache;
+      rope_store(qkv, cos, sin, slot_mapping, k_cache, v_cache, l.H);
+      auto q = qkv.view({T, l.H + 2 * l.K, l.D}).narrow(1, 0, l.H);
+      auto attn = paged_decode(q, k_cache, v_cache, slots, lens, l.scale, l.window).flatten(1);
+      h = add_rms_norm(l.o(attn), residual, l.post_norm, eps_);
+      x = l.down(silu_mul(l.gate_up(h)));
+    }
+    return add_rms_norm(x, residual, final_norm_, eps_);
+  }
+
+ private:
+  torch::Tensor embed_, cos_, sin_, final_norm_;
+  double eps_;
+  std::vector<Layer> layers_;
+};
+
+void bind_decode_stack(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, double>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>(),
+           "a decode step: ids, positions, slot_mapping [T], context slots [T, L], lens [T] -> hidden [T, E]");
+}

@@ -1,0 +1,17 @@
+// The kernels every translation unit may call: one declaration each (definitions in their own files).
+#pragma once
+
+#include <torch/extension.h>
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                           torch::Tensor lens, double scale, int64_t window);
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
+torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                           const torch::Tensor& weight, double eps);
+void rope_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
+                torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t num_heads);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
+                        const torch::Tensor& mins);
+torch::Tensor q4_dequantize(const torch::Tensor& qw, const torch::Tensor& scales, const torch::Tensor& mins);
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales);
