@@ -104,7 +104,7 @@ class DecodeStack {
 
 void bind_decode_stack(pybind11::module& m) {
   namespace py = pybind11;
-  py::class_<DecodeStack>(m, "DecodeStack")
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())  // local: builds of other checkouts may load too
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, double>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>(),
