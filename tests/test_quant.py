@@ -129,6 +129,31 @@ def test_quantized_experts_are_close_to_float(scheme, bound):
     assert ((got - ref).norm() / ref.norm()).item() < bound
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("hidden, inter", [(64, 96), (96, 160)])  # 2 / 3 / 5 groups of 32: unpaired tails
+def test_expert_bank_equals_the_expert_modules(scheme, hidden, inter):
+    """A decode token through the C++ expert bank: bit for bit what the per-expert modules give."""
+    from kvtrove.layers.quant import QuantizedExperts
+    from kvtrove.models.moe import Experts
+
+    torch.manual_seed(1)
+    experts = Experts(8, hidden, inter, 3, ("gate_proj", "up_proj", "down_proj"))
+    experts.w13.data.normal_(0, 0.05)
+    experts.w2.data.normal_(0, 0.05)
+    q = QuantizedExperts(experts, scheme, 32, cpu_kernels())
+    assert q.bank is not None
+    bank = q.bank
+    for _ in range(10):
+        x = torch.randn(1, hidden)
+        weights, chosen = torch.randn(1, 8).softmax(-1).topk(3)
+        q.bank = bank
+        got = q(x, weights, chosen)
+        q.bank = None
+        assert torch.equal(got, q(x, weights, chosen))
+    with pytest.raises(RuntimeError, match="out of range"):
+        bank.forward(x, [0, 8, 1], weights[0])
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3"])
 def test_moe_model_quantized_end_to_end(tiny_model, arch):
     from kvtrove.layers.quant import QuantizedExperts

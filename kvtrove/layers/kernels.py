@@ -33,6 +33,7 @@ _SOURCES = [
         "fused.cpp",
         "quant_linear.cpp",
         "decode_stack.cpp",
+        "expert_bank.cpp",
     )
 ]
 _HEADERS = [_CSRC / "vec.h", _CSRC / "ops.h"]

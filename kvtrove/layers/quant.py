@@ -155,6 +155,19 @@ class QuantizedExperts(nn.Module):
         self.act.kernels = kernels
         self.layers = list(zip(self.w13, self.w2))
         """(gate/up, down) per expert as a plain list: ModuleList indexing costs microseconds per call."""
+        self.bank = self._bank(kernels)
+        """A decode token's experts in one C++ call (`csrc/expert_bank.cpp`): the same numbers as `expert`
+        and the same summation order, without ~5 Python calls per expert; None where the kernels do not
+        run (no compiler, or int8 rows not in groups of 32)."""
+
+    def _bank(self, kernels):
+        layers = [m for pair in self.layers for m in pair]
+        if kernels is None or any(m.bias is not None or m.in_features % 32 for m in layers):
+            return None
+        bank = kernels.ExpertBank()
+        for w13, w2 in self.layers:
+            bank.add(*(_kernel_parts(m) for m in (w13, w2)))
+        return bank
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.layers[e]
@@ -163,7 +176,13 @@ class QuantizedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         from kvtrove.models.moe import run_grouped
 
+        if self.bank is not None and x.shape[0] == 1 and x.dtype == torch.float32:
+            return self.bank.forward(x, chosen[0].tolist(), weights[0])
         return run_grouped(self.expert, self.num_experts, x, weights, chosen)
+
+
+def _kernel_parts(m: nn.Module) -> list[torch.Tensor]:
+    return [m.qweight, m.scales, m.mins] if isinstance(m, Int4Linear) else [m.qweight, m.scales]
 
 
 def quantized_bytes(n: int, k: int, scheme: str) -> int:

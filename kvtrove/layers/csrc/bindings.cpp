@@ -4,6 +4,7 @@
 #include "ops.h"
 
 void bind_decode_stack(pybind11::module& m);
+void bind_expert_bank(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "single-token attention over the paged KV cache");
@@ -14,5 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "y = x W^T, W 4-bit per group of 32 (q * scale + min)");
   m.def("q4_dequantize", &q4_dequantize, "the float32 weight [N, K] of a 4-bit one");
   m.def("q8_linear", &q8_linear, "y = x W^T, W 8-bit per output row (q * scale)");
+  m.def("q_linear_grouped", &q_linear_grouped, "y[e] = x[e] W_e^T, one int4 or int8 weight per row of x");
   bind_decode_stack(m);
+  bind_expert_bank(m);
 }

@@ -15,3 +15,4 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
                         const torch::Tensor& mins);
 torch::Tensor q4_dequantize(const torch::Tensor& qw, const torch::Tensor& scales, const torch::Tensor& mins);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales);
+torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& weights);

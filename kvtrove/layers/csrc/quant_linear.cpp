@@ -184,19 +184,27 @@ void rows8(const int8_t* qw, const float* scales, const int16_t* xq, const float
 
 namespace {
 
-// The shared frame of both kernels: x [M, K] rounded to int16 once, then `tile(xq, dx, xsum, y, n0, n1,
-// m0, mb)` over output rows [n0, n1) (in parallel) for tiles of up to MB tokens.
+// x [M, K] rounded once per call: int16 activations, their scales and the groups' exact sums.
+struct Rounded {
+  std::vector<int16_t> xq;
+  std::vector<float> dx, xsum;
+  Rounded(const torch::Tensor& xc, bool paired)
+      : xq(xc.numel()), dx(xc.numel() / G), xsum(xc.numel() / G) {
+    quantize_x(xc.data_ptr<float>(), xc.size(0), xc.size(1), xq.data(), dx.data(), xsum.data(), paired);
+  }
+};
+
+// The shared frame of both kernels: x rounded once, then `tile(xq, dx, xsum, y, n0, n1, m0, mb)` over
+// output rows [n0, n1) (in parallel) for tiles of up to MB tokens.
 template <typename Tile>
 torch::Tensor run_rows(const torch::Tensor& xc, int64_t N, bool paired, Tile tile) {
-  const int64_t M = xc.size(0), K = xc.size(1), groups = K / G;
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> dx(M * groups), xsum(M * groups);
-  quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data(), xsum.data(), paired);
+  const int64_t M = xc.size(0);
+  const Rounded r(xc, paired);
   auto y = torch::empty({M, N}, xc.options());
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      tile(xq.data(), dx.data(), xsum.data(), out, n0, n1, m0, static_cast<int>(std::min<int64_t>(MB, M - m0)));
+      tile(r.xq.data(), r.dx.data(), r.xsum.data(), out, n0, n1, m0, static_cast<int>(std::min<int64_t>(MB, M - m0)));
     }
   });
   return y;
@@ -268,4 +276,44 @@ torch::Tensor q4_dequantize(const torch::Tensor& qw, const torch::Tensor& scales
     for (int64_t i = i0; i < i1; ++i) dequantize_group(q + i * (G / 2), sc[i], mn[i], out + i * G);
   });
   return w;
+}
+
+// y[e] = x[e] W_e^T: one weight per input row (a decode token's chosen experts: its hidden state for
+// every gate/up, each expert's activation for its down projection). All rows of all weights are split
+// across the threads in one parallel region instead of one per weight; each row's numbers are those
+// of q4_linear / q8_linear on that input row alone. weights[e]: {qweight, scales, mins} (int4) or
+// {qweight, scales} (int8), all of one kind and shape.
+torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& weights) {
+  const auto xc = checked_x(x, "q_linear_grouped");
+  const int64_t E = xc.size(0), K = xc.size(1);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == E && E > 0, "q_linear_grouped: one weight per row of x");
+  const bool int4 = weights[0].size() == 3;
+  const int64_t N = weights[0][0].size(0);
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.size() == (int4 ? 3u : 2u) && w[0].dim() == 2 && w[0].size(0) == N && w[0].is_contiguous() &&
+                    w[0].size(1) == (int4 ? K / 2 : K) && w[0].scalar_type() == (int4 ? at::kByte : at::kChar),
+                "q_linear_grouped: weights of one kind and shape [N, K/2] uint8 (int4) or [N, K] int8");
+    for (size_t t = 1; t < w.size(); ++t) {
+      TORCH_CHECK(w[t].scalar_type() == at::kFloat && w[t].is_contiguous() &&
+                      w[t].numel() == (int4 ? N * (K / G) : N),
+                  "q_linear_grouped: float32 scales (and mins) of the weight's shape");
+    }
+  }
+  const Rounded xr(xc, int4);
+  auto y = torch::empty({E, N}, xc.options());
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, E * N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1;) {  // output row r is row r % N of weight r / N, against input row r / N
+      const int64_t e = r / N, n0 = r % N, n1 = std::min(N, n0 + (r1 - r));
+      const auto& w = weights[e];
+      if (int4) {
+        rows(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(), w[2].data_ptr<float>(), xr.xq.data(), xr.dx.data(),
+             xr.xsum.data(), out, n0, n1, e, 1, K, N);
+      } else {
+        rows8(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), xr.xq.data(), xr.dx.data(), out, n0, n1, e, 1, K, N);
+      }
+      r += n1 - n0;
+    }
+  });
+  return y;
 }
