@@ -17,13 +17,11 @@ from kvtrove.layers.attention import AttentionMetadata
 from kvtrove.layers.linear import FEW_TOKENS as FLOAT_FEW_TOKENS
 from kvtrove.layers.linear import CpuLinear
 from kvtrove.layers.norm import RMSNorm
-from kvtrove.layers.quant import FEW_TOKENS, Int4Linear, Int8Linear
+from kvtrove.layers.quant import FEW_TOKENS, Int4Linear, Int8Linear, kernel_parts
 from kvtrove.models.llama import LlamaAttention, LlamaMLP, LlamaModel
 
 MAX_TOKENS = min(FEW_TOKENS, FLOAT_FEW_TOKENS[torch.float32])
 """Decodes per step up to which every linear layer runs its kernel (beyond, the modules' GEMMs)."""
-
-FLOAT, INT8, INT4 = 0, 1, 2  # the linear kinds of decode_stack.cpp
 
 
 class FusedDecode:
@@ -93,11 +91,9 @@ def _runs_kernels(norm: nn.Module) -> bool:
 
 
 def _linear(m: nn.Module) -> tuple | None:
-    """(kind, tensors, bias) of a linear layer that runs a kernel for few tokens, else None."""
+    """(the kernel's tensors, bias) of a linear layer that runs a kernel for few tokens, else None."""
     if type(m) is CpuLinear and m.kernels is not None and m.weight.dtype == torch.float32:
-        return FLOAT, [m.weight], m.bias
-    if type(m) is Int8Linear and m.kernels is not None and m.in_features % 32 == 0:
-        return INT8, [m.qweight, m.scales], m.bias
-    if type(m) is Int4Linear and m.kernels is not None:
-        return INT4, [m.qweight, m.scales, m.mins], m.bias
+        return [m.weight], m.bias
+    if type(m) in (Int8Linear, Int4Linear) and m.kernels is not None and m.in_features % 32 == 0:
+        return kernel_parts(m), m.bias
     return None

@@ -166,7 +166,7 @@ class QuantizedExperts(nn.Module):
             return None
         bank = kernels.ExpertBank()
         for w13, w2 in self.layers:
-            bank.add(*(_kernel_parts(m) for m in (w13, w2)))
+            bank.add(*(kernel_parts(m) for m in (w13, w2)))
         return bank
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,8 @@ class QuantizedExperts(nn.Module):
         return run_grouped(self.expert, self.num_experts, x, weights, chosen)
 
 
-def _kernel_parts(m: nn.Module) -> list[torch.Tensor]:
+def kernel_parts(m: Int8Linear | Int4Linear) -> list[torch.Tensor]:
+    """The tensors the C++ kernels take for a quantized layer: int8 (qweight, scales), int4 (.., mins)."""
     return [m.qweight, m.scales, m.mins] if isinstance(m, Int4Linear) else [m.qweight, m.scales]
 
 

@@ -14,28 +14,26 @@
 
 namespace {
 
-enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2 };
-
+// A linear layer by its kernel's tensors: {weight} float, {qweight, scales} int8, {qweight, scales, mins}
+// int4.
 struct Linear {
-  int64_t kind;
-  std::vector<torch::Tensor> t;  // float: weight; int8: qweight, scales; int4: qweight, scales, mins
+  std::vector<torch::Tensor> t;
   c10::optional<torch::Tensor> bias;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    if (kind == kFloat) return ::linear(x, t[0], bias);  // ours, not at::linear
-    auto y = kind == kInt8 ? q8_linear(x, t[0], t[1]) : q4_linear(x, t[0], t[1], t[2]);
+    if (t.size() == 1) return ::linear(x, t[0], bias);  // ours, not at::linear
+    auto y = t.size() == 2 ? q8_linear(x, t[0], t[1]) : q4_linear(x, t[0], t[1], t[2]);
     if (bias) y.add_(*bias);
     return y;
   }
 };
 
-using LinearSpec = std::tuple<int64_t, std::vector<torch::Tensor>, c10::optional<torch::Tensor>>;
+using LinearSpec = std::tuple<std::vector<torch::Tensor>, c10::optional<torch::Tensor>>;
 
 Linear make_linear(const LinearSpec& s) {
-  const auto& [kind, t, bias] = s;
-  const size_t need = kind == kFloat ? 1 : kind == kInt8 ? 2 : kind == kInt4 ? 3 : 0;
-  TORCH_CHECK(need > 0 && t.size() == need, "decode_stack: linear kind ", kind, " takes ", need, " tensors");
-  return Linear{kind, t, bias};
+  const auto& [t, bias] = s;
+  TORCH_CHECK(t.size() >= 1 && t.size() <= 3, "decode_stack: a linear layer has 1 (float), 2 (int8) or 3 (int4) tensors");
+  return Linear{t, bias};
 }
 
 struct Layer {
