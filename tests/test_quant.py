@@ -178,3 +178,22 @@ def test_kernels_on_odd_group_counts(k):
             x = torch.randn(tokens, k)
             exact = x @ deq.t()
             assert ((layer(x) - exact).norm() / exact.norm()).item() < 1e-4, (type(layer).__name__, tokens)
+
+
+def test_prefill_rounding_kernel_matches_the_torch_rounding():
+    """Prefill GEMMs take activations rounded as the decode kernels round them: the C++ pass and the torch
+    ops agree to one int16 step (max|x| / 32767 per group of 32), and `lost` is what rounding took off."""
+    from kvtrove.layers.quant import round_like_kernels
+
+    torch.manual_seed(1)
+    x = torch.randn(37, 1536) * torch.rand(37, 1) * 20
+    x[3, :32] = 0  # an all-zero group: no scale, nothing lost
+    step = (x.view(37, -1, 32).abs().amax(-1, keepdim=True) / 32767).expand(-1, -1, 32).reshape(37, 1536)
+    ours, lost = round_like_kernels(x, cpu_kernels())
+    ref, ref_lost = round_like_kernels(x)
+    assert ((ours - ref).abs() <= step * 1.01).all()  # (q * step is a float: ~32767 * 6e-8 steps off)
+    assert ((ours - x).abs() <= step / 2 * 1.01).all()
+    group_step = step[:, ::32]  # lost is a difference of two float sums of ~32 * max|x|: a few ulps of those
+    assert ((lost - (x - ours).view(37, -1, 32).sum(-1)).abs() <= group_step / 2).all()
+    assert (ours[3, :32] == 0).all() and lost[3, 0] == 0
+    assert ((lost - ref_lost).abs() <= group_step * 2).all()  # (one step off on a value or two)

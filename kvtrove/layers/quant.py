@@ -28,11 +28,16 @@ FEW_TOKENS = 16
 """Up to this many tokens the kernels; beyond, the weight dequantized per call and a float GEMM."""
 
 
-def round_like_kernels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def round_like_kernels(x: torch.Tensor, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] float32 rounded as the kernels round activations (int16 per 32, scale max|x| / 32767), and
     per group of 32 what the rounding lost from the sum ([T, K/32]; the int4 kernel applies each group's
     min to the exact sum). Prefill GEMMs take the same rounded activations, so a token's numbers do not
-    depend on whether it is computed in a decode step or a prefill (only on summation order, ~1e-7)."""
+    depend on whether it is computed in a decode step or a prefill (only on summation order, ~1e-7).
+    With the kernels, one C++ pass (`round_activations`, the decode kernels' own rounding code); the torch
+    ops below differ from it by one int16 unit on ~1% of values (the C++, built with fast math, takes a
+    slightly different reciprocal of the scale)."""
+    if kernels is not None:
+        return tuple(kernels.round_activations(x))
     T, K = x.shape
     g = x.view(T, K // 32, 32)
     d = g.abs().amax(-1, keepdim=True) / 32767
@@ -64,7 +69,7 @@ class Int8Linear(nn.Module):
         if self.kernels is not None and x2.shape[0] <= FEW_TOKENS and self.in_features % 32 == 0:
             y = self.kernels.q8_linear(x2, self.qweight, self.scales)
         else:
-            rounded = round_like_kernels(x2)[0] if self.in_features % 32 == 0 else x2  # (no kernel for those)
+            rounded = round_like_kernels(x2, self.kernels)[0] if self.in_features % 32 == 0 else x2  # (no kernel)
             y = F.linear(rounded, self.dequantized())
         if self.bias is not None:
             y = y + self.bias
@@ -136,8 +141,8 @@ class Int4Linear(nn.Module):
         if self.kernels is not None and x2.shape[0] <= FEW_TOKENS:  # decode: bound by reading the weights
             y = self.kernels.q4_linear(x2, self.qweight, self.scales, self.mins)
         else:  # prefill: bound by arithmetic, which a float GEMM does best
-            rounded, lost = round_like_kernels(x2)
-            y = torch.addmm(F.linear(rounded, self.dequantized()), lost, self.mins.t())
+            rounded, lost = round_like_kernels(x2, self.kernels)
+            y = F.linear(rounded, self.dequantized()).addmm_(lost, self.mins.t())
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

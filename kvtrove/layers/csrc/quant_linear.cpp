@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -24,6 +25,19 @@ namespace {
 
 constexpr int64_t G = 32;
 constexpr int MB = 4;  // tokens per pass over a row: each group's weights are unpacked once for MB tokens
+
+// f(std::integral_constant<int, mb>) for 1 <= mb <= MB: a tile's token count as a compile-time constant,
+// so its accumulators live in registers (with a run-time count they lived on the stack, and the kernels
+// streamed 10 GB/s of weights instead of 25).
+template <typename F>
+inline void with_mb(int mb, F&& f) {
+  switch (mb) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, MB>{});
+  }
+}
 
 // Where activation j of group g goes in xq for the int4 kernel. With AVX2, groups are handled in pairs:
 // one 32-byte load holds two groups' weights, whose nibbles widen to 16 bits in-lane as
@@ -36,23 +50,32 @@ inline int64_t slot(int64_t g, int64_t groups, int j, bool paired) {
   return g * G + j;
 }
 
+// How a group of 32 activations is rounded: q_j = nearbyint(v_j * inv), worth q_j * d (d = max|v| / 32767).
+struct GroupScale {
+  float d, inv, sum;
+  explicit GroupScale(const float* v) {
+    float amax = 0.f, s = 0.f;
+    for (int j = 0; j < G; ++j) {
+      amax = std::max(amax, std::fabs(v[j]));
+      s += v[j];
+    }
+    d = amax / 32767.f;
+    inv = d > 0.f ? 1.f / d : 0.f;
+    sum = s;
+  }
+};
+
 // Per token and group: int16 activations, their scale and the sum of the original values.
 void quantize_x(const float* x, int64_t M, int64_t K, int16_t* xq, float* dx, float* xsum, bool paired) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* v = x + i * G;
-      float amax = 0.f, s = 0.f;
-      for (int j = 0; j < G; ++j) {
-        amax = std::max(amax, std::fabs(v[j]));
-        s += v[j];
-      }
-      const float d = amax / 32767.f;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
+      const GroupScale gs(v);
       const int64_t m = i / groups, g = i % groups;
-      for (int j = 0; j < G; ++j) xq[m * K + slot(g, groups, j, paired)] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
-      dx[i] = d;
-      xsum[i] = s;
+      for (int j = 0; j < G; ++j) xq[m * K + slot(g, groups, j, paired)] = static_cast<int16_t>(std::nearbyint(v[j] * gs.inv));
+      dx[i] = gs.d;
+      xsum[i] = gs.sum;
     }
   });
 }
@@ -85,15 +108,16 @@ inline __m256 gdot(__m256i lo, __m256i hi, const int16_t* xq) {
 #endif
 
 // Rows [n0, n1) for tokens [m0, m0 + mb).
+template <int mb>
 void rows(const uint8_t* qw, const float* scales, const float* mins, const int16_t* xq, const float* dx,
-          const float* xsum, float* y, int64_t n0, int64_t n1, int64_t m0, int mb, int64_t K, int64_t N) {
+          const float* xsum, float* y, int64_t n0, int64_t n1, int64_t m0, int64_t K, int64_t N) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = qw + n * (K / 2);
     const float* sc = scales + n * groups;
     const float* mn = mins + n * groups;
 #ifdef KVT_AVX2
-    __m256 acc[MB], acc2[MB];  // two FMA chains in flight
+    __m256 acc[mb], acc2[mb];  // two FMA chains in flight
     for (int m = 0; m < mb; ++m) acc[m] = acc2[m] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 4 <= groups; g += 4) {
@@ -144,13 +168,14 @@ void rows(const uint8_t* qw, const float* scales, const float* mins, const int16
 }
 
 // int8: rows [n0, n1) for tokens [m0, m0 + mb).
+template <int mb>
 void rows8(const int8_t* qw, const float* scales, const int16_t* xq, const float* dx, float* y, int64_t n0,
-           int64_t n1, int64_t m0, int mb, int64_t K, int64_t N) {
+           int64_t n1, int64_t m0, int64_t K, int64_t N) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* q = qw + n * K;
 #ifdef KVT_AVX2
-    __m256 acc[MB], acc2[MB];
+    __m256 acc[mb], acc2[mb];
     for (int m = 0; m < mb; ++m) acc[m] = acc2[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * G)));
@@ -232,7 +257,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
   const float* mn = mins.data_ptr<float>();
   return run_rows(xc, N, true, [&](const int16_t* xq, const float* dx, const float* xsum, float* y, int64_t n0,
                                   int64_t n1, int64_t m0, int mb) {
-    rows(q, sc, mn, xq, dx, xsum, y, n0, n1, m0, mb, K, N);
+    with_mb(mb, [&](auto c) { rows<c()>(q, sc, mn, xq, dx, xsum, y, n0, n1, m0, K, N); });
   });
 }
 
@@ -246,7 +271,36 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const t
   const int8_t* q = qw.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
   return run_rows(xc, N, false, [&](const int16_t* xq, const float* dx, const float*, float* y, int64_t n0,
-                                   int64_t n1, int64_t m0, int mb) { rows8(q, sc, xq, dx, y, n0, n1, m0, mb, K, N); });
+                                   int64_t n1, int64_t m0, int mb) {
+    with_mb(mb, [&](auto c) { rows8<c()>(q, sc, xq, dx, y, n0, n1, m0, K, N); });
+  });
+}
+
+// x [M, K] as the kernels see it, for the float GEMM of a prefill: {rounded [M, K] (each activation's
+// int16 value times its group's scale, the very numbers the kernels multiply), lost [M, K/32] (the sum of
+// a group's activations minus the sum of its rounded ones: the int4 kernel applies a group's min to the
+// exact sum)}. One pass; torch ops took ten.
+std::vector<torch::Tensor> round_activations(const torch::Tensor& x) {
+  const auto xc = checked_x(x, "round_activations");
+  const int64_t M = xc.size(0), K = xc.size(1), groups = K / G;
+  auto rounded = torch::empty_like(xc);
+  auto lost = torch::empty({M, groups}, xc.options());
+  const float* in = xc.data_ptr<float>();
+  float* r = rounded.data_ptr<float>();
+  float* l = lost.data_ptr<float>();
+  at::parallel_for(0, M * groups, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* v = in + i * G;
+      const GroupScale gs(v);
+      float kept = 0.f;
+      for (int j = 0; j < G; ++j) {
+        r[i * G + j] = std::nearbyint(v[j] * gs.inv) * gs.d;
+        kept += r[i * G + j];
+      }
+      l[i] = gs.sum - kept;
+    }
+  });
+  return {rounded, lost};
 }
 
 // One group's 32 weights, q * scale + min rounded after the product and after the sum (no FMA), as the
@@ -307,10 +361,10 @@ torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::ve
       const int64_t e = r / N, n0 = r % N, n1 = std::min(N, n0 + (r1 - r));
       const auto& w = weights[e];
       if (int4) {
-        rows(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(), w[2].data_ptr<float>(), xr.xq.data(), xr.dx.data(),
-             xr.xsum.data(), out, n0, n1, e, 1, K, N);
+        rows<1>(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(), w[2].data_ptr<float>(), xr.xq.data(),
+                xr.dx.data(), xr.xsum.data(), out, n0, n1, e, K, N);
       } else {
-        rows8(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), xr.xq.data(), xr.dx.data(), out, n0, n1, e, 1, K, N);
+        rows8<1>(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), xr.xq.data(), xr.dx.data(), out, n0, n1, e, K, N);
       }
       r += n1 - n0;
     }
