@@ -153,3 +153,45 @@ def test_fused_silu_mul_matches_torch(dtype):
     ref = act(gate_up)
     act.kernels = cpu_kernels()
     _close(act(gate_up), ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "n, L, H, K, D, window",
+    [
+        (512, 512, 9, 3, 64, 0),  # SmolLM2's prefill: 3 query heads per KV head, 8 full token blocks
+        (37, 100, 4, 2, 64, 0),  # new tokens after a cached prefix, partial blocks
+        (5, 5, 8, 8, 128, 0),  # no GQA, wide heads
+        (100, 300, 6, 2, 80, 0),  # head dim not a multiple of 16
+        (200, 200, 4, 1, 64, 50),  # sliding window inside the prompt
+        (70, 170, 4, 4, 64, 33),  # window and a cached prefix
+        (1, 9, 2, 1, 16, 0),  # one token
+    ],
+)
+def test_prefill_attention_matches_torch_sdpa(n, L, H, K, D, window):
+    kernel = cpu_kernels()
+    assert kernel is not None, "the C++ kernels did not build"
+    torch.manual_seed(n + L)
+    qkv = torch.randn(L, (H + 2 * K) * D)  # the layout attention gets: heads side by side in each row
+    q, k, v = qkv.view(L, H + 2 * K, D).split([H, K, K], 1)
+    q = q[L - n :]
+    pos, kpos = torch.arange(L - n, L), torch.arange(L)
+    allowed = kpos[None] <= pos[:, None]
+    if window:
+        allowed &= kpos[None] > pos[:, None] - window
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=allowed[None, None], scale=0.3, enable_gqa=True
+    )[0].transpose(0, 1)
+    got = kernel.prefill_attention(q, k, v, 0.3, window)
+    assert got.shape == (n, H, D)
+    assert (got - ref).abs().max() < 1e-5, (got - ref).abs().max()
+    ctx = kernel.prefill_attention(q, k.transpose(0, 1).contiguous().transpose(0, 1), v.clone(), 0.3, window)
+    assert torch.allclose(ctx, got, atol=1e-7)  # head-major context (the gathered cache) reads the same
+
+
+def test_prefill_attention_rejects_bad_shapes():
+    kernel = cpu_kernels()
+    q, kv = torch.randn(4, 6, 64), torch.randn(3, 2, 64)
+    with pytest.raises(RuntimeError, match="shapes"):
+        kernel.prefill_attention(q, kv, kv, 1.0, 0)  # more new tokens than context
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.prefill_attention(q.bfloat16(), kv, kv, 1.0, 0)

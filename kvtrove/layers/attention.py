@@ -70,15 +70,13 @@ class PagedAttention(nn.Module):
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for p in meta.prefills:
-            qp = q[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            qp = q[p.start : p.start + p.length]  # [n, H, D]
             if p.context_slots is None:
-                kp = k[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)
-                vp = v[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)
-            else:
-                kp = k_cache.index_select(1, p.context_slots).unsqueeze(0)  # [1, K, L, D]
-                vp = v_cache.index_select(1, p.context_slots).unsqueeze(0)
-            mask = None if p.mask is None else p.mask[None, None]
-            out[p.start : p.start + p.length] = self._sdpa(qp, kp, vp, mask, p.mask is None)[0].transpose(0, 1)
+                kp, vp = k[p.start : p.start + p.length], v[p.start : p.start + p.length]  # [n, K, D]
+            else:  # [L, K, D] views of the gathered context
+                kp = k_cache.index_select(1, p.context_slots).transpose(0, 1)
+                vp = v_cache.index_select(1, p.context_slots).transpose(0, 1)
+            out[p.start : p.start + p.length] = self._prefill(qp, kp, vp, p.mask)
         return out.flatten(1)
 
     def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
@@ -118,13 +116,18 @@ class PagedAttention(nn.Module):
         out = torch.matmul(scores.softmax(-1), v)  # [K, B, G, D]
         return out.transpose(0, 1).reshape(B, K * G, D).to(k_cache.dtype)
 
-    def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [n, H, D] of the last n positions of a context of L, k/v [L, K, D]; `mask` [n, L] (None: plain
+        causal) is causal within the sliding window, which the C++ kernel derives from the positions."""
+        if self.kernels is not None and q.dtype == torch.float32 and self.head_dim % 8 == 0:
+            return self.kernels.prefill_attention(q, k, v, self.scale, self.sliding_window or 0)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=None if mask is None else mask[None, None],
+            is_causal=mask is None,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
+        return out[0].transpose(0, 1)

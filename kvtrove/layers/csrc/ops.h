@@ -5,6 +5,8 @@
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                            torch::Tensor lens, double scale, int64_t window);
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                                int64_t window);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
 torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                            const torch::Tensor& weight, double eps);
