@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "vec.h"
@@ -45,35 +46,69 @@ static void qk_scores(const float* qb, const T* kc, const int64_t* slot, int64_t
   }
 }
 
+constexpr int64_t CHUNK = 128;  // context positions per work item
+
+// Work items are (sequence, KV head, chunk of CHUNK positions): one sequence's few KV heads alone would
+// leave cores idle (SmolLM2: 3 heads on 2 cores). Each item leaves its scores' max, the sum of their
+// exponentials and its unnormalized G x D output; a second pass merges a head's chunks in order, so
+// the result does not depend on the number of threads.
 template <typename T>
 static void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slots, const int64_t* lens,
                           T* out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t L, float scale,
                           int64_t window) {
   const int64_t G = H / K;  // query heads sharing one KV head: each K/V row is read once for all of them
-  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * L);
-    std::vector<float> acc(G * D);
+  const int64_t chunks = (L + CHUNK - 1) / CHUNK, items = B * K * chunks;
+  std::vector<float> part_m(items * G), part_l(items * G), part_o(items * G * D);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * CHUNK);
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / K, h = idx % K, n = lens[b];
+      const int64_t b = idx / (K * chunks), h = idx / chunks % K, c = idx % chunks, n = lens[b];
       const int64_t first = window > 0 && n > window ? n - window : 0;
+      const int64_t t0 = std::max(first, c * CHUNK), t1 = std::min(n, (c + 1) * CHUNK), cnt = t1 - t0;
+      float* pm = part_m.data() + idx * G;
+      float* pl = part_l.data() + idx * G;
+      float* po = part_o.data() + idx * G * D;
+      std::fill(po, po + G * D, 0.f);
+      if (cnt <= 0) {  // outside the context or the window: weight zero in the merge
+        std::fill(pm, pm + G, -std::numeric_limits<float>::max());
+        std::fill(pl, pl + G, 0.f);
+        continue;
+      }
       const float* qb = q + (b * H + h * G) * D;
-      qk_scores(qb, kc + h * S * D, slots + b * L, first, n, G, D, L, scale, scores.data());
+      qk_scores(qb, kc + h * S * D, slots + b * L + t0, 0, cnt, G, D, CHUNK, scale, scores.data());
       for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        float mx = sg[first];  // no infinities anywhere: the build uses -ffast-math
-        for (int64_t t = first + 1; t < n; ++t) mx = std::max(mx, sg[t]);
+        float* sg = scores.data() + g * CHUNK;
+        float mx = sg[0];  // no infinities anywhere: the build uses -ffast-math
+        for (int64_t t = 1; t < cnt; ++t) mx = std::max(mx, sg[t]);
         float sum = 0.f;
-        for (int64_t t = first; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
+        for (int64_t t = 0; t < cnt; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
+        pm[g] = mx;
+        pl[g] = sum;
+      }
+      for (int64_t t = 0; t < cnt; ++t) {
+        const T* vp = vc + (h * S + slots[b * L + t0 + t]) * D;
+        for (int64_t g = 0; g < G; ++g) kvt::axpy(scores[g * CHUNK + t], vp, po + g * D, D);
+      }
+    }
+  });
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t g = 0; g < G; ++g) {
+        float mx = -std::numeric_limits<float>::max();
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_m[(bh * chunks + c) * G + g]);
+        float sum = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t i = (bh * chunks + c) * G + g;
+          const float w = std::exp(part_m[i] - mx);
+          sum += w * part_l[i];
+          kvt::axpy(w, part_o.data() + i * D, acc.data(), D);
+        }
+        T* ob = out + (bh * G + g) * D;  // bh = b * K + h: query heads h * G .. of sequence b
         const float inv = 1.f / sum;
-        for (int64_t t = first; t < n; ++t) sg[t] *= inv;
+        for (int64_t d = 0; d < D; ++d) ob[d] = static_cast<T>(acc[d] * inv);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = first; t < n; ++t) {
-        const T* vp = vc + (h * S + slots[b * L + t]) * D;
-        for (int64_t g = 0; g < G; ++g) kvt::axpy(scores[g * L + t], vp, acc.data() + g * D, D);
-      }
-      T* ob = out + (b * H + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) ob[i] = static_cast<T>(acc[i]);
     }
   });
 }
