@@ -120,6 +120,22 @@ void rows(const uint8_t* qw, const float* scales, const float* mins, const int16
     __m256 acc[mb], acc2[mb];  // two FMA chains in flight
     for (int m = 0; m < mb; ++m) acc[m] = acc2[m] = _mm256_setzero_ps();
     int64_t g = 0;
+    // Eight groups' scale products sc * dx in one multiply, each pair's two spread over its lanes by a
+    // permute (one scalar multiply and broadcast per group cost as much as a third of the kernel).
+    const __m256i p0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), p1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i p2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), p3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 sc8 = _mm256_loadu_ps(sc + g);
+      for (int m = 0; m < mb; ++m) {
+        const int64_t i = (m0 + m) * groups + g;
+        const int16_t* xm = xq + i * G;
+        const __m256 s = _mm256_mul_ps(sc8, _mm256_loadu_ps(dx + i));
+        acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, p0), pdot(q + g * (G / 2), xm), acc[m]);
+        acc2[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, p1), pdot(q + (g + 2) * (G / 2), xm + 2 * G), acc2[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, p2), pdot(q + (g + 4) * (G / 2), xm + 4 * G), acc[m]);
+        acc2[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, p3), pdot(q + (g + 6) * (G / 2), xm + 6 * G), acc2[m]);
+      }
+    }
     for (; g + 4 <= groups; g += 4) {
       for (int m = 0; m < mb; ++m) {
         const int64_t i = (m0 + m) * groups + g;
