@@ -70,6 +70,18 @@ ARCHS = {
             "use_sliding_window": False,
         },
     ),
+    # experts in whole groups of 32 (their C++ bank and the one-call decode step run), shared expert of 96
+    "qwen2-moe-32": (
+        "Qwen2MoeConfig",
+        {
+            "num_experts": 6,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 96,
+            "norm_topk_prob": False,
+            "use_sliding_window": False,
+        },
+    ),
     "qwen3-moe": (
         "Qwen3MoeConfig",
         {

@@ -84,9 +84,32 @@ def test_fused_up_to_max_tokens_decodes(extra, fused_steps, tiny_model):
     assert counting.calls == fused_steps  # one prefill step, then two decode steps
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3-moe", "deepseek-v2"])
-def test_models_it_does_not_cover_run_the_modules(arch, tiny_model):
-    llm = LLM(model=str(tiny_model(arch)), dtype="float32", block_size=16, num_blocks=64)
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe-32", "qwen3-moe"])
+def test_fused_moe_step_equals_the_modules(arch, quantize, tiny_model):
+    """Routed experts quantized (their bank), a float router, Qwen2-MoE's gated shared expert: three
+    sequences decoding together route each token on its own, as the modules do."""
+    llm = LLM(
+        model=str(tiny_model(arch)),
+        dtype="float32",
+        quantize=quantize,
+        block_size=16,
+        num_blocks=64,
+        kv_host_gb=0,
+        kv_disk_gb=0,
+    )
+    assert llm.engine.runner.fused_decode is not None
+    fused, modules = decode_both_ways(llm, prompts([9, 33, 50], seed=4), 16)
+    assert fused == modules
+
+
+@pytest.mark.parametrize(
+    "arch, quantize", [("mixtral", "none"), ("qwen3-moe", "none"), ("qwen2-moe", "int4"), ("deepseek-v2", "int4")]
+)
+def test_models_it_does_not_cover_run_the_modules(arch, quantize, tiny_model):
+    """Float experts, and experts not in whole groups of 32 (qwen2-moe's 48), have no bank; DeepSeek's MLA
+    attention is not in the stack."""
+    llm = LLM(model=str(tiny_model(arch)), dtype="float32", quantize=quantize, block_size=16, num_blocks=64)
     assert llm.engine.runner.fused_decode is None
 
 

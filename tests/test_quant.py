@@ -152,6 +152,12 @@ def test_expert_bank_equals_the_expert_modules(scheme, hidden, inter):
         assert torch.equal(got, q(x, weights, chosen))
     with pytest.raises(RuntimeError, match="out of range"):
         bank.forward(x, [0, 8, 1], weights[0])
+    xs = torch.randn(5, hidden)  # a batch of decode tokens (grouped per expert): each row as if alone
+    weights, chosen = torch.randn(5, 8).softmax(-1).topk(3)
+    q.bank = bank
+    together = q(xs, weights, chosen)
+    for t in range(5):
+        assert torch.equal(together[t : t + 1], q(xs[t : t + 1], weights[t : t + 1], chosen[t : t + 1]))
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3"])

@@ -4,8 +4,10 @@ A decode step of a small model is dozens of microsecond-scale kernels; run as ~1
 layer, the Python between them costs a third of the step on SmolLM2-135M. The stack holds the modules'
 own tensors (no copies) and calls the same kernels in the same order, so its numbers are the modules'
 numbers. It is built only for what it covers: a float32 Llama-family decoder (Llama, Mistral, Qwen2,
-Qwen3, SmolLM) whose every piece runs kvtrove's CPU kernels (float, int8 or int4 linear layers); any
-other model, and any step with a prefill or more than `MAX_TOKENS` decodes, runs the modules.
+Qwen3, SmolLM; and Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts quantized, int8 or int4)
+whose every piece runs kvtrove's CPU kernels (float, int8 or int4 linear layers); any other model
+(DeepSeek's MLA, float experts), and any step with a prefill or more than `MAX_TOKENS` decodes, runs
+the modules.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from kvtrove.layers.attention import AttentionMetadata
 from kvtrove.layers.linear import FEW_TOKENS as FLOAT_FEW_TOKENS
 from kvtrove.layers.linear import CpuLinear
 from kvtrove.layers.norm import RMSNorm
-from kvtrove.layers.quant import FEW_TOKENS, Int4Linear, Int8Linear, kernel_parts
+from kvtrove.layers.quant import FEW_TOKENS, Int4Linear, Int8Linear, QuantizedExperts, kernel_parts
 from kvtrove.models.llama import LlamaAttention, LlamaMLP, LlamaModel
+from kvtrove.models.moe import SparseMoE
 
 MAX_TOKENS = min(FEW_TOKENS, FLOAT_FEW_TOKENS[torch.float32])
 """Decodes per step up to which every linear layer runs its kernel (beyond, the modules' GEMMs)."""
@@ -51,24 +54,28 @@ def build(model: nn.Module) -> FusedDecode | None:
     stack = kernels.DecodeStack(embed.weight, rotary.cos, rotary.sin, body.norm.weight, body.norm.eps)
     for layer in body.layers:
         spec = _layer(layer, body.norm.eps)
-        if spec is None:
+        mlp = _mlp(layer.mlp)
+        if spec is None or mlp is None:
             return None
-        stack.add_layer(*spec)
+        dense, moe = mlp
+        stack.add_layer(*spec[:6], *dense, *spec[6:])
+        if moe is not None:
+            stack.set_moe(*moe)
     return FusedDecode(stack)
 
 
 def _layer(layer: nn.Module, eps: float) -> tuple | None:
-    attn, mlp = layer.self_attn, layer.mlp
-    if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
+    attn = layer.self_attn
+    if type(attn) is not LlamaAttention:
         return None
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if attn.qk_norm:
         norms += [attn.q_norm, attn.k_norm]
-    if not all(_runs_kernels(n) for n in norms) or attn.attn.kernels is None or mlp.act.kernels is None:
+    if not all(_runs_kernels(n) for n in norms) or attn.attn.kernels is None:
         return None
     if any(n.eps != eps for n in norms):  # the stack has one
         return None
-    linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj)]
     if None in linears:
         return None
     pa = attn.attn
@@ -84,6 +91,33 @@ def _layer(layer: nn.Module, eps: float) -> tuple | None:
         pa.scale,
         pa.sliding_window or 0,
     )
+
+
+def _mlp(mlp: nn.Module) -> tuple[tuple, tuple | None] | None:
+    """((gate_up, down) of a dense MLP, or (None, None)), and the `set_moe` arguments of a sparse one."""
+    if type(mlp) is LlamaMLP:
+        dense = _dense(mlp)
+        return None if dense is None else (dense, None)
+    if type(mlp) is not SparseMoE or type(mlp.experts) is not QuantizedExperts or mlp.experts.bank is None:
+        return None
+    router = _linear(mlp.gate)
+    if router is None or len(router[0]) != 1:  # the router is a float layer (its logits pick the experts)
+        return None
+    shared = (None, None, None)
+    if mlp.shared_expert is not None:
+        dense, gate = _dense(mlp.shared_expert), _linear(mlp.shared_expert_gate)
+        if dense is None or gate is None:
+            return None
+        shared = (*dense, gate)
+    return (None, None), (router, mlp.top_k, mlp.norm_topk, mlp.experts.bank, *shared)
+
+
+def _dense(mlp: nn.Module) -> tuple | None:
+    """(gate_up, down) of a SiLU MLP whose pieces run kernels."""
+    if type(mlp) is not LlamaMLP or mlp.act.kernels is None:
+        return None
+    linears = (_linear(mlp.gate_up_proj), _linear(mlp.down_proj))
+    return None if None in linears else linears
 
 
 def _runs_kernels(norm: nn.Module) -> bool:

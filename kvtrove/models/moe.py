@@ -62,10 +62,11 @@ class Experts(nn.Module):
 
 def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
     """sum_j weights[t, j] * expert(chosen[t, j], x[t]) for every token t, one `expert(e, rows)` call per
-    chosen expert. x [T, E_h]; weights, chosen [T, k]."""
+    chosen expert. x [T, E_h]; weights, chosen [T, k]. A token's experts are summed by ascending expert id
+    however many tokens run together, so its numbers do not depend on the batch."""
     if x.shape[0] == 1:  # one token (decode): no grouping to do
         out = None
-        for e, w in zip(chosen[0].tolist(), weights[0].unbind()):
+        for e, w in sorted(zip(chosen[0].tolist(), weights[0].unbind()), key=lambda ew: ew[0]):
             y = expert(e, x) * w.to(x.dtype)
             out = y if out is None else out.add_(y)
         return out

@@ -1,42 +1,5 @@
-// A MoE layer's quantized experts for a decode token: its k chosen experts' gate/up projections in one
-// grouped call, SiLU * up, their down projections in a second, and the weighted sum, instead of ~5
-// Python calls and two parallel regions per expert (k = 8 for Qwen3-MoE: ~40 calls per layer). Each
-// expert's numbers are the ones the per-expert modules compute (same kernels, same row arithmetic), and
-// the sum runs in the same order. Built once per layer by `layers/quant.py` (QuantizedExperts).
-#include <torch/extension.h>
-
-#include <vector>
-
-#include "ops.h"
-
-class ExpertBank {
- public:
-  // One expert: {qweight, scales(, mins)} of its gate/up (fused) and of its down projection.
-  void add(std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2) {
-    TORCH_CHECK(w13.size() == w2.size() && (w13.size() == 2 || w13.size() == 3), "ExpertBank: int4 or int8 parts");
-    w13_.push_back(std::move(w13));
-    w2_.push_back(std::move(w2));
-  }
-
-  // x [1, E]; chosen: the token's experts; weights [k] float32, in the order of `chosen`. -> [1, E]
-  torch::Tensor forward(const torch::Tensor& x, const std::vector<int64_t>& chosen, const torch::Tensor& weights) const {
-    const int64_t k = static_cast<int64_t>(chosen.size());
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && k > 0 && weights.numel() == k, "ExpertBank: one token, k weights");
-    std::vector<std::vector<torch::Tensor>> up, down;
-    for (const int64_t e : chosen) {
-      TORCH_CHECK(e >= 0 && e < static_cast<int64_t>(w13_.size()), "ExpertBank: expert ", e, " out of range");
-      up.push_back(w13_[e]);
-      down.push_back(w2_[e]);
-    }
-    const auto y = q_linear_grouped(silu_mul(q_linear_grouped(x.expand({k, x.size(1)}).contiguous(), up)), down);
-    auto out = y.narrow(0, 0, 1) * weights[0];
-    for (int64_t j = 1; j < k; ++j) out.add_(y.narrow(0, j, 1) * weights[j]);
-    return out;
-  }
-
- private:
-  std::vector<std::vector<torch::Tensor>> w13_, w2_;
-};
+// Python binding of ExpertBank (expert_bank.h).
+#include "expert_bank.h"
 
 void bind_expert_bank(pybind11::module& m) {
   namespace py = pybind11;
