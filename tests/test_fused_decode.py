@@ -113,7 +113,16 @@ def test_models_it_does_not_cover_run_the_modules(arch, quantize, tiny_model):
     assert llm.engine.runner.fused_decode is None
 
 
-def test_bfloat16_and_no_kernels_run_the_modules(tiny_model):
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_fused_bfloat16_step_equals_the_modules(arch, tiny_model):
+    llm = LLM(model=str(tiny_model(arch)), dtype="bfloat16", block_size=16, num_blocks=64, kv_host_gb=0, kv_disk_gb=0)
+    fused, modules = decode_both_ways(llm, prompts([7, 40, 61], seed=3), 16)
+    assert fused == modules
+
+
+def test_quantized_bfloat16_and_no_kernels_run_the_modules(tiny_model):
+    """The int8 / int4 kernels take float32 activations; without kernels there is nothing to fuse."""
     path = str(tiny_model("llama"))
-    assert LLM(model=path, dtype="bfloat16", num_blocks=64).engine.runner.fused_decode is None
+    llm = LLM(model=path, dtype="bfloat16", quantize="int8", num_blocks=64, kv_host_gb=0, kv_disk_gb=0)
+    assert llm.engine.runner.fused_decode is None
     assert LLM(model=path, dtype="float32", cpu_kernels=False, num_blocks=64).engine.runner.fused_decode is None

@@ -3,11 +3,11 @@
 A decode step of a small model is dozens of microsecond-scale kernels; run as ~10 nn.Module calls per
 layer, the Python between them costs a third of the step on SmolLM2-135M. The stack holds the modules'
 own tensors (no copies) and calls the same kernels in the same order, so its numbers are the modules'
-numbers. It is built only for what it covers: a float32 Llama-family decoder (Llama, Mistral, Qwen2,
-Qwen3, SmolLM; and Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts quantized, int8 or int4)
-whose every piece runs kvtrove's CPU kernels (float, int8 or int4 linear layers); any other model
-(DeepSeek's MLA, float experts), and any step with a prefill or more than `MAX_TOKENS` decodes, runs
-the modules.
+numbers. It is built only for what it covers: a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3,
+SmolLM) whose every piece runs kvtrove's CPU kernels - float32 with float, int8 or int4 linear layers
+(and Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts quantized, int8 or int4), or bf16 with
+bf16 linear layers; any other model (DeepSeek's MLA, float experts), and any step with a prefill or
+more than `MAX_TOKENS` decodes, runs the modules.
 """
 
 from __future__ import annotations
@@ -44,17 +44,20 @@ class FusedDecode:
 def build(model: nn.Module) -> FusedDecode | None:
     """The fused decode path of `model` (its KV caches already bound), or None where it does not apply."""
     body = getattr(model, "model", None)
-    if type(body) is not LlamaModel or not _runs_kernels(body.norm):
+    if type(body) is not LlamaModel or type(body.embed_tokens) is not nn.Embedding:
+        return None
+    embed = body.embed_tokens
+    dtype = embed.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or embed.weight.device.type != "cpu":
+        return None
+    if not _runs_kernels(body.norm, dtype):
         return None
     kernels = body.norm.kernels
-    embed = body.embed_tokens
-    if type(embed) is not nn.Embedding or embed.weight.dtype != torch.float32 or embed.weight.device.type != "cpu":
-        return None
     rotary = body.rotary
     stack = kernels.DecodeStack(embed.weight, rotary.cos, rotary.sin, body.norm.weight, body.norm.eps)
     for layer in body.layers:
-        spec = _layer(layer, body.norm.eps)
-        mlp = _mlp(layer.mlp)
+        spec = _layer(layer, body.norm.eps, dtype)
+        mlp = _mlp(layer.mlp, dtype)
         if spec is None or mlp is None:
             return None
         dense, moe = mlp
@@ -64,18 +67,18 @@ def build(model: nn.Module) -> FusedDecode | None:
     return FusedDecode(stack)
 
 
-def _layer(layer: nn.Module, eps: float) -> tuple | None:
+def _layer(layer: nn.Module, eps: float, dtype: torch.dtype) -> tuple | None:
     attn = layer.self_attn
     if type(attn) is not LlamaAttention:
         return None
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if attn.qk_norm:
         norms += [attn.q_norm, attn.k_norm]
-    if not all(_runs_kernels(n) for n in norms) or attn.attn.kernels is None:
+    if not all(_runs_kernels(n, dtype) for n in norms) or attn.attn.kernels is None:
         return None
     if any(n.eps != eps for n in norms):  # the stack has one
         return None
-    linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj)]
+    linears = [_linear(m, dtype) for m in (attn.qkv_proj, attn.o_proj)]
     if None in linears:
         return None
     pa = attn.attn
@@ -93,41 +96,46 @@ def _layer(layer: nn.Module, eps: float) -> tuple | None:
     )
 
 
-def _mlp(mlp: nn.Module) -> tuple[tuple, tuple | None] | None:
-    """((gate_up, down) of a dense MLP, or (None, None)), and the `set_moe` arguments of a sparse one."""
+def _mlp(mlp: nn.Module, dtype: torch.dtype) -> tuple[tuple, tuple | None] | None:
+    """((gate_up, down) of a dense MLP, or (None, None)), and the `set_moe` arguments of a sparse one (float32
+    only: the expert bank takes float32 activations)."""
     if type(mlp) is LlamaMLP:
-        dense = _dense(mlp)
+        dense = _dense(mlp, dtype)
         return None if dense is None else (dense, None)
     if type(mlp) is not SparseMoE or type(mlp.experts) is not QuantizedExperts or mlp.experts.bank is None:
         return None
-    router = _linear(mlp.gate)
+    if dtype != torch.float32:
+        return None
+    router = _linear(mlp.gate, dtype)
     if router is None or len(router[0]) != 1:  # the router is a float layer (its logits pick the experts)
         return None
     shared = (None, None, None)
     if mlp.shared_expert is not None:
-        dense, gate = _dense(mlp.shared_expert), _linear(mlp.shared_expert_gate)
+        dense, gate = _dense(mlp.shared_expert, dtype), _linear(mlp.shared_expert_gate, dtype)
         if dense is None or gate is None:
             return None
         shared = (*dense, gate)
     return (None, None), (router, mlp.top_k, mlp.norm_topk, mlp.experts.bank, *shared)
 
 
-def _dense(mlp: nn.Module) -> tuple | None:
+def _dense(mlp: nn.Module, dtype: torch.dtype) -> tuple | None:
     """(gate_up, down) of a SiLU MLP whose pieces run kernels."""
     if type(mlp) is not LlamaMLP or mlp.act.kernels is None:
         return None
-    linears = (_linear(mlp.gate_up_proj), _linear(mlp.down_proj))
+    linears = (_linear(mlp.gate_up_proj, dtype), _linear(mlp.down_proj, dtype))
     return None if None in linears else linears
 
 
-def _runs_kernels(norm: nn.Module) -> bool:
-    return type(norm) is RMSNorm and norm.kernels is not None and norm.weight.dtype == torch.float32
+def _runs_kernels(norm: nn.Module, dtype: torch.dtype) -> bool:
+    return type(norm) is RMSNorm and norm.kernels is not None and norm.weight.dtype == dtype
 
 
-def _linear(m: nn.Module) -> tuple | None:
-    """(the kernel's tensors, bias) of a linear layer that runs a kernel for few tokens, else None."""
-    if type(m) is CpuLinear and m.kernels is not None and m.weight.dtype == torch.float32:
+def _linear(m: nn.Module, dtype: torch.dtype) -> tuple | None:
+    """(the kernel's tensors, bias) of a linear layer that runs a kernel for few tokens, else None (the
+    quantized kernels take float32 activations)."""
+    if type(m) is CpuLinear and m.kernels is not None and m.weight.dtype == dtype:
         return [m.weight], m.bias
-    if type(m) in (Int8Linear, Int4Linear) and m.kernels is not None and m.in_features % 32 == 0:
+    quantized = type(m) in (Int8Linear, Int4Linear) and m.kernels is not None and m.in_features % 32 == 0
+    if quantized and dtype == torch.float32:
         return kernel_parts(m), m.bias
     return None
