@@ -29,6 +29,13 @@ def decode_both_ways(llm: LLM, prompts: list[list[int]], n: int):
     return results
 
 
+def engine(path, dtype: str, quantize: str) -> LLM:
+    """A small engine with no KV store (see `decode_both_ways`)."""
+    return LLM(
+        model=str(path), dtype=dtype, quantize=quantize, block_size=16, num_blocks=64, kv_host_gb=0, kv_disk_gb=0
+    )
+
+
 def prompts(lengths: list[int], seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
@@ -39,15 +46,7 @@ def prompts(lengths: list[int], seed: int) -> list[list[int]]:
 def test_fused_step_equals_the_modules(arch, quantize, tiny_model):
     """Three sequences of different lengths decode together (padded contexts; mistral's window of 48 is
     crossed), with float, int8 and int4 linear layers."""
-    llm = LLM(
-        model=str(tiny_model(arch)),
-        dtype="float32",
-        quantize=quantize,
-        block_size=16,
-        num_blocks=64,
-        kv_host_gb=0,
-        kv_disk_gb=0,
-    )
+    llm = engine(tiny_model(arch), "float32", quantize)
     fused, modules = decode_both_ways(llm, prompts([7, 40, 61], seed=3), 24)
     assert fused == modules
     assert all(len(lp) == 24 for _, lp in fused)
@@ -89,15 +88,7 @@ def test_fused_up_to_max_tokens_decodes(extra, fused_steps, tiny_model):
 def test_fused_moe_step_equals_the_modules(arch, quantize, tiny_model):
     """Routed experts quantized (their bank), a float router, Qwen2-MoE's gated shared expert: three
     sequences decoding together route each token on its own, as the modules do."""
-    llm = LLM(
-        model=str(tiny_model(arch)),
-        dtype="float32",
-        quantize=quantize,
-        block_size=16,
-        num_blocks=64,
-        kv_host_gb=0,
-        kv_disk_gb=0,
-    )
+    llm = engine(tiny_model(arch), "float32", quantize)
     assert llm.engine.runner.fused_decode is not None
     fused, modules = decode_both_ways(llm, prompts([9, 33, 50], seed=4), 16)
     assert fused == modules
@@ -115,7 +106,7 @@ def test_models_it_does_not_cover_run_the_modules(arch, quantize, tiny_model):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 def test_fused_bfloat16_step_equals_the_modules(arch, tiny_model):
-    llm = LLM(model=str(tiny_model(arch)), dtype="bfloat16", block_size=16, num_blocks=64, kv_host_gb=0, kv_disk_gb=0)
+    llm = engine(tiny_model(arch), "bfloat16", "none")
     fused, modules = decode_both_ways(llm, prompts([7, 40, 61], seed=3), 16)
     assert fused == modules
 
@@ -123,6 +114,5 @@ def test_fused_bfloat16_step_equals_the_modules(arch, tiny_model):
 def test_quantized_bfloat16_and_no_kernels_run_the_modules(tiny_model):
     """The int8 / int4 kernels take float32 activations; without kernels there is nothing to fuse."""
     path = str(tiny_model("llama"))
-    llm = LLM(model=path, dtype="bfloat16", quantize="int8", num_blocks=64, kv_host_gb=0, kv_disk_gb=0)
-    assert llm.engine.runner.fused_decode is None
+    assert engine(path, "bfloat16", "int8").engine.runner.fused_decode is None
     assert LLM(model=path, dtype="float32", cpu_kernels=False, num_blocks=64).engine.runner.fused_decode is None
