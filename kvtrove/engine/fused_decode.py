@@ -30,8 +30,10 @@ MAX_TOKENS = min(FEW_TOKENS, FLOAT_FEW_TOKENS[torch.float32])
 class FusedDecode:
     """`stack.forward(...)` for the steps it covers; see `build`."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, banks: list):
         self.stack = stack
+        self.banks = banks
+        """The experts' C++ banks the stack points to, kept alive as long as it is."""
 
     @staticmethod
     def covers(meta: AttentionMetadata, num_tokens: int) -> bool:
@@ -55,6 +57,7 @@ def build(model: nn.Module) -> FusedDecode | None:
     kernels = body.norm.kernels
     rotary = body.rotary
     stack = kernels.DecodeStack(embed.weight, rotary.cos, rotary.sin, body.norm.weight, body.norm.eps)
+    banks = []
     for layer in body.layers:
         spec = _layer(layer, body.norm.eps, dtype)
         mlp = _mlp(layer.mlp, dtype)
@@ -64,7 +67,8 @@ def build(model: nn.Module) -> FusedDecode | None:
         stack.add_layer(*spec[:6], *dense, *spec[6:])
         if moe is not None:
             stack.set_moe(*moe)
-    return FusedDecode(stack)
+            banks.append(moe[3])
+    return FusedDecode(stack, banks)
 
 
 def _layer(layer: nn.Module, eps: float, dtype: torch.dtype) -> tuple | None:
