@@ -1,6 +1,7 @@
 // A whole decode step of a Llama-family decoder in one call: embedding, every layer (norms, projections,
-// RoPE + KV write, paged attention, SiLU MLP) and the final norm, running the same kernels in the same
-// order as the modules do (so the numbers are identical), without ~10 Python module calls per layer.
+// RoPE + KV write, paged attention, a SiLU MLP or a sparse one with quantized experts) and the final
+// norm, running the same kernels and ATen ops in the same order as the modules do (so the numbers are
+// identical), without ~10 Python module calls per layer. float32 or bf16, whatever the tensors hold.
 // At 135M parameters a decode step's Python work costs as much as a third of its kernels.
 // Built once per model by `engine/fused_decode.py` from the modules' own tensors; decode steps of few
 // tokens only (the kernels' range); everything else runs the modules.
