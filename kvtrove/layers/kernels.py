@@ -38,7 +38,7 @@ _SOURCES = [
         "expert_bank.cpp",
     )
 ]
-_HEADERS = [_CSRC / "vec.h", _CSRC / "ops.h"]
+_HEADERS = [_CSRC / "vec.h", _CSRC / "ops.h", _CSRC / "expert_bank.h"]
 
 
 @functools.cache

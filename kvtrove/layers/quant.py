@@ -161,7 +161,7 @@ class QuantizedExperts(nn.Module):
         self.layers = list(zip(self.w13, self.w2))
         """(gate/up, down) per expert as a plain list: ModuleList indexing costs microseconds per call."""
         self.bank = self._bank(kernels)
-        """A decode token's experts in one C++ call (`csrc/expert_bank.cpp`): the same numbers as `expert`
+        """A decode token's experts in one C++ call (`csrc/expert_bank.h`): the same numbers as `expert`
         and the same summation order, without ~5 Python calls per expert; None where the kernels do not
         run (no compiler, or int8 rows not in groups of 32)."""
 
