@@ -6,8 +6,8 @@ own tensors (no copies) and calls the same kernels in the same order, so its num
 numbers. It is built only for what it covers: a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3,
 SmolLM) whose every piece runs kvtrove's CPU kernels - float32 with float, int8 or int4 linear layers
 (and Mixtral, Qwen2-MoE, Qwen3-MoE with their routed experts quantized, int8 or int4), or bf16 with
-bf16 linear layers; any other model (DeepSeek's MLA, float experts), and any step with a prefill or
-more than `MAX_TOKENS` decodes, runs the modules.
+bf16 linear layers; any other model (DeepSeek's MLA, float experts), and any step with a prefill, runs
+the modules.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ import torch
 from torch import nn
 
 from kvtrove.layers.attention import AttentionMetadata
-from kvtrove.layers.linear import FEW_TOKENS as FLOAT_FEW_TOKENS
 from kvtrove.layers.linear import CpuLinear
 from kvtrove.layers.norm import RMSNorm
-from kvtrove.layers.quant import FEW_TOKENS, Int4Linear, Int8Linear, QuantizedExperts, kernel_parts
+from kvtrove.layers.quant import Int4Linear, Int8Linear, QuantizedExperts, kernel_parts
 from kvtrove.models.llama import LlamaAttention, LlamaMLP, LlamaModel
 from kvtrove.models.moe import SparseMoE
-
-MAX_TOKENS = min(FEW_TOKENS, FLOAT_FEW_TOKENS[torch.float32])
-"""Decodes per step up to which every linear layer runs its kernel (beyond, the modules' GEMMs)."""
 
 
 class FusedDecode:
@@ -36,8 +32,8 @@ class FusedDecode:
         """The experts' C++ banks the stack points to, kept alive as long as it is."""
 
     @staticmethod
-    def covers(meta: AttentionMetadata, num_tokens: int) -> bool:
-        return not meta.prefills and num_tokens <= MAX_TOKENS
+    def covers(meta: AttentionMetadata) -> bool:
+        return not meta.prefills
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.stack.forward(ids, positions, meta.slot_mapping, meta.decode_slots, meta.decode_lens)
@@ -135,11 +131,11 @@ def _runs_kernels(norm: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _linear(m: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(the kernel's tensors, bias) of a linear layer that runs a kernel for few tokens, else None (the
-    quantized kernels take float32 activations)."""
+    """(the kernel's tensors, bias) of a linear layer that runs a kernel, else None (the quantized kernels
+    return float32, which a bf16 model's modules round)."""
     if type(m) is CpuLinear and m.kernels is not None and m.weight.dtype == dtype:
         return [m.weight], m.bias
-    quantized = type(m) in (Int8Linear, Int4Linear) and m.kernels is not None and m.in_features % 32 == 0
+    quantized = type(m) in (Int8Linear, Int4Linear) and m.kernels is not None
     if quantized and dtype == torch.float32:
         return kernel_parts(m), m.bias
     return None

@@ -106,7 +106,7 @@ class ModelRunner:
             meta.decode_lens = torch.tensor(lens)
             if min(lens) != width or (self.sliding_window is not None and width > self.sliding_window):
                 meta.decode_mask = ~self._mask(meta.decode_lens - 1, width)
-        run = self.fused_decode if self.fused_decode and self.fused_decode.covers(meta, len(ids)) else self.model
+        run = self.fused_decode if self.fused_decode and self.fused_decode.covers(meta) else self.model
         hidden = run(torch.tensor(ids), torch.cat(positions), meta)
         if not sample_rows:
             return [], None

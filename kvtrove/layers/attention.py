@@ -119,9 +119,9 @@ class PagedAttention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q [n, H, D] of the last n positions of a context of L, k/v [L, K, D]; `mask` [n, L] (None: plain
         causal) is causal within the sliding window, which the C++ kernel derives from the positions. The
-        kernel computes in float32; bf16 inputs are widened for it (torch's bf16 SDPA took ~4x as long on
-        CPUs without native bf16 at 512 tokens)."""
-        if self.kernels is not None and q.dtype in (torch.float32, torch.bfloat16) and self.head_dim % 8 == 0:
+        kernel computes in float32 with the decode kernel's arithmetic (a token's output is the same
+        whether it is prefilled or decoded); bf16 inputs are widened for it, which is exact."""
+        if self.kernels is not None and q.dtype in (torch.float32, torch.bfloat16):
             out = self.kernels.prefill_attention(q.float(), k.float(), v.float(), self.scale, self.sliding_window or 0)
             return out.to(q.dtype)
         out = F.scaled_dot_product_attention(

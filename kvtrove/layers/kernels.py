@@ -23,17 +23,17 @@ from pathlib import Path
 
 import xxhash
 
+from kvtrove.config import kernel_isa
+
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [
     _CSRC / name
     for name in (
         "bindings.cpp",
-        "paged_decode.cpp",
-        "prefill_attention.cpp",
-        "cpu_linear.cpp",
+        "attention.cpp",
+        "linear.cpp",
         "fused.cpp",
-        "quant_linear.cpp",
         "decode_stack.cpp",
         "expert_bank.cpp",
     )
@@ -43,7 +43,11 @@ _HEADERS = [_CSRC / "vec.h", _CSRC / "ops.h", _CSRC / "expert_bank.h"]
 
 @functools.cache
 def cpu_kernels():
-    """The compiled module (functions listed in csrc/bindings.cpp), or None when it cannot be built."""
+    """The compiled module (functions listed in csrc/bindings.cpp), or None when it cannot be built.
+
+    `KVTROVE_KERNEL_ISA=avx2` / `scalar` builds them without AVX-512 / without SIMD (the paths of older
+    machines): the same bits, slower; the tests use them to check that every path agrees."""
+    isa = kernel_isa()
     try:
         import torch
         from torch.utils.cpp_extension import load
@@ -57,14 +61,17 @@ def cpu_kernels():
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         flags = next((ln for ln in cpu.splitlines() if ln.startswith(("flags", "Features"))), "")
         # and this checkout: torch rebuilds when the source paths change, so checkouts would take turns
-        text = flags + torch.__version__ + str(_SOURCES[0].parent) + "".join(p.read_text() for p in _SOURCES + _HEADERS)
+        sources = "".join(p.read_text() for p in _SOURCES + _HEADERS)
+        text = isa + flags + torch.__version__ + str(_SOURCES[0].parent) + sources
         name = f"kvtrove_cpu_kernels_{xxhash.xxh3_64_hexdigest(text.encode())[:12]}"
         _clear_stale_lock(name)
         return load(
             name=name,
             sources=[str(p) for p in _SOURCES],
-            # OpenMP: at::parallel_for runs on torch's thread pool only when the extension is built with it
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            # OpenMP: at::parallel_for runs on torch's thread pool only when the extension is built with it.
+            # No -ffast-math and no automatic FMA contraction: every operation rounds as written (vec.h)
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+            + {"native": [], "avx2": ["-DKVT_NO_AVX512"], "scalar": ["-DKVT_SCALAR"]}[isa],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

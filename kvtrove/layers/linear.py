@@ -24,19 +24,11 @@ class MergedLinear(nn.Linear):
         target.data[lo:hi].copy_(tensor)
 
 
-# Up to this many tokens a step is bound by streaming the weights, and our kernel is the fastest path
-# (measured on AVX2 machines against oneDNN and F.linear); beyond, oneDNN's GEMM wins.
-FEW_TOKENS = {torch.float32: 16, torch.bfloat16: 64}
-
-
 class CpuLinear(nn.Module):
-    """The same math as nn.Linear with the CPU kernel that suits the step; one copy of the weight.
-
-    - Few tokens (decode): kvtrove's C++ kernel, which streams the weight at read bandwidth.
-    - More tokens (prefill): oneDNN's GEMM on the plain weight. bf16 on CPUs without native bf16
-      (AVX512-BF16/AMX) computes in float32 and rounds the output to bf16, what a bf16 GEMM with
-      float32 accumulation does.
-    """
+    """The same math as nn.Linear on kvtrove's C++ kernel (`csrc/linear.cpp`) for every step, one token or a
+    whole prefill: each output has one fixed summation order, so a token's numbers do not depend on the
+    tokens computed with it, on the thread count or on the CPU's vector width. Without the kernels,
+    torch's F.linear (whose order depends on the batch shape)."""
 
     kernels = None  # kvtrove's C++ CPU kernels
 
@@ -45,29 +37,14 @@ class CpuLinear(nn.Module):
         self.weight = weight.contiguous()
         self.bias = bias
         self.kernels = kernels
-        self.few_tokens = FEW_TOKENS.get(weight.dtype, 0)
-        self.onednn = torch.backends.mkldnn.is_available()
-        self.upcast = weight.dtype == torch.bfloat16 and not (
-            self.onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= self.few_tokens and self.kernels is not None:  # the decode path: lean
+        if self.kernels is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() == 2:  # the common case, with the least Python
             return self.kernels.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= self.few_tokens and self.kernels is not None:
-            y = self.kernels.linear(x2, self.weight, self.bias)
-        elif self.upcast:
-            b = None if self.bias is None else self.bias.float()
-            y = self._gemm(x2.float(), self.weight.float(), b).to(x.dtype)
-        else:
-            y = self._gemm(x2, self.weight, self.bias)
+        y = self.kernels.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.view(*x.shape[:-1], -1)
-
-    def _gemm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return F.linear(x, w, b)
 
 
 def use_cpu_kernels(model: nn.Module, kernels=None) -> None:

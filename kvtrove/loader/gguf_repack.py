@@ -1,4 +1,5 @@
-"""GGUF 4-bit blocks -> kvtrove's int4 layout, by integer bit moves only (no float round trip).
+"""GGUF 4-bit blocks -> kvtrove's int4 layout, and Q8_0 blocks -> its int8 one, by integer bit moves only
+(no float round trip).
 
 Our int4 weight (`layers.quant.Int4Linear`) is, per 32 weights along a row, 16 bytes (byte j: weight j
 in the low nibble, weight j + 16 in the high one), a float32 scale and a float32 minimum:
@@ -9,7 +10,9 @@ w = q * scale + min.
   bytes): w = q * (d * sc) - dmin * m -> scale d*sc, min -dmin*m per sub-block; each 32 bytes hold two
   sub-blocks (low nibbles, then high), which we re-pair.
 fp16 values times 6-bit integers are exact in float32, so `q * scale + min` reproduces the `gguf`
-package's dequantization bit for bit. Other quantized types (Q8_0, Q6_K, Q5_*) have no exact int4 form.
+package's dequantization bit for bit.
+Our int8 weight (`layers.quant.Int8Linear`) is an int8 per weight and a float32 scale per 32: Q8_0 (per
+32: fp16 d, 32 int8) is exactly that, w = q * d. Other quantized types (Q6_K, Q5_*) have no exact form.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 REPACKABLE = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+"""Types with an exact int4 form."""
+INT8_EXACT = (Q.Q8_0,)
+"""Types with an exact int8 form."""
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -65,3 +71,15 @@ def repack(raw: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch
         torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(n, -1)),
         torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(n, -1)),
     )
+
+
+def repack_int8(raw: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Q8_0 weight's GGUF rows [n, bytes per row] (uint8) -> (qweight [n, k] int8, scales [n, k/32]
+    float32) in our layout."""
+    if qtype not in INT8_EXACT:
+        raise ValueError(f"GGUF type {qtype.name} has no exact int8 form; exact: {[t.name for t in INT8_EXACT]}")
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, 34)
+    qweight = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)
+    scales = _f16(blocks[..., 0:2]).reshape(n, -1)
+    return torch.from_numpy(np.ascontiguousarray(qweight)), torch.from_numpy(np.ascontiguousarray(scales))

@@ -16,8 +16,15 @@ import xxhash
 from torch import nn
 
 from kvtrove.layers.linear import CpuLinear
-from kvtrove.layers.quant import Int4Linear, QuantizedExperts, int4_parts, quantized, quantized_bytes
-from kvtrove.loader.gguf_repack import REPACKABLE, repack
+from kvtrove.layers.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedExperts,
+    int4_parts,
+    int8_parts,
+    quantized_bytes,
+)
+from kvtrove.loader.gguf_repack import INT8_EXACT, REPACKABLE, repack, repack_int8
 from kvtrove.models.registry import apply_renames, param_target
 from kvtrove.placement.rules import BUILTIN, Rule
 
@@ -109,8 +116,8 @@ def _shards(m: nn.Module) -> list[tuple[int | None, int, int]]:
 
 
 def _auto(path: str, m: nn.Module, kind: str, stored: dict) -> str:
-    """`--quantize auto`: run a weight the file stores in 4 bits as int4 (its exact blocks, repacked),
-    one stored in another quantized type as int8; float otherwise."""
+    """`--quantize auto`: run a weight the file stores in 4 bits as int4 and one stored as Q8_0 as int8 (their
+    exact blocks, repacked), one stored in another quantized type as int8; float otherwise."""
     if kind != "linear":
         return "float"
     found = [stored.get((path, shard)) for shard, _, _ in _shards(m)]
@@ -179,9 +186,9 @@ def plan(
 
 
 def apply(model: nn.Module, placed: list[Placed], group: int = 32, kernels=None, stored: dict | None = None) -> None:
-    """Swap in each unit's implementation (modules already on their device: the CPU). An int4 layer takes
-    the checkpoint's own 4-bit blocks where `stored` has them (exact), and quantizes the float rows
-    elsewhere."""
+    """Swap in each unit's implementation (modules already on their device: the CPU). A quantized layer takes
+    the checkpoint's own blocks where `stored` has them in its exact form (int4: Q4_0 / Q4_1 / Q4_K; int8:
+    Q8_0), and quantizes the float rows elsewhere."""
     stored = stored or {}
     for p in placed:
         if p.impl == "float":
@@ -191,16 +198,24 @@ def apply(model: nn.Module, placed: list[Placed], group: int = 32, kernels=None,
         child = getattr(parent, name)
         if p.kind == "experts":
             setattr(parent, name, QuantizedExperts(child, p.impl, group, kernels))
-        elif p.impl == "int4":
+        elif p.impl in ("int4", "int8"):  # a linear layer
+            exact, from_file = (REPACKABLE, repack) if p.impl == "int4" else (INT8_EXACT, repack_int8)
             parts = []
             for shard, lo, hi in _shards(child):
                 blocks = stored.get((p.path, shard))
-                repackable = blocks is not None and blocks[1] in REPACKABLE
-                parts.append(repack(*blocks) if repackable else int4_parts(child.weight.detach()[lo:hi], group))
+                if blocks is not None and blocks[1] in exact:
+                    parts.append(from_file(*blocks))
+                else:
+                    rows = child.weight.detach()[lo:hi]
+                    parts.append(int4_parts(rows, group) if p.impl == "int4" else int8_parts(rows))
             joined = tuple(torch.cat(t) for t in zip(*parts))
-            setattr(parent, name, Int4Linear(None, child.bias, group, kernels, parts=joined))
+            if p.impl == "int4":
+                layer = Int4Linear(None, child.bias, group, kernels, parts=joined)
+            else:
+                layer = Int8Linear(None, child.bias, kernels, parts=joined)
+            setattr(parent, name, layer)
         else:
-            setattr(parent, name, quantized(child.weight.detach(), child.bias, p.impl, group, kernels))
+            raise ValueError(f"unknown implementation {p.impl!r} for {p.path}")
 
 
 def fingerprint(placed: list[Placed], group: int) -> bytes:

@@ -9,14 +9,12 @@ void bind_expert_bank(pybind11::module& m);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "single-token attention over the paged KV cache");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prefill's new tokens over their context");
-  m.def("linear", &linear, "few-token linear layer: y = x W^T (+ b)");
+  m.def("linear", &linear, "linear layer: y = x W^T (+ b), one arithmetic for any number of tokens");
   m.def("add_rms_norm", &add_rms_norm, "RMSNorm, after adding x into the residual in place when one is given");
   m.def("rope_store", &rope_store, "RoPE on q/k heads in place, then k/v into the paged cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("q4_linear", &q4_linear, "y = x W^T, W 4-bit per group of 32 (q * scale + min)");
-  m.def("round_activations", &round_activations, "x rounded as the quantized kernels round it, and what that lost per 32");
-  m.def("q4_dequantize", &q4_dequantize, "the float32 weight [N, K] of a 4-bit one");
-  m.def("q8_linear", &q8_linear, "y = x W^T, W 8-bit per output row (q * scale)");
+  m.def("q8_linear", &q8_linear, "y = x W^T, W 8-bit with a scale per 32 (q * scale)");
   m.def("q_linear_grouped", &q_linear_grouped, "y[e] = x[e] W_e^T, one int4 or int8 weight per row of x");
   bind_decode_stack(m);
   bind_expert_bank(m);

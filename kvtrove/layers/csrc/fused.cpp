@@ -27,7 +27,6 @@ void add_rms_norm_kernel(const T* x, T* residual, const T* weight, T* out, int64
     std::vector<float> h(E);
     for (int64_t r = r0; r < r1; ++r) {
       T* res = residual + r * E;
-      float ss = 0.f;
       for (int64_t e = 0; e < E; ++e) {
         float v = to_f(res[e]);
         if (x != nullptr) {
@@ -35,8 +34,8 @@ void add_rms_norm_kernel(const T* x, T* residual, const T* weight, T* out, int64
           res[e] = static_cast<T>(v);
         }
         h[e] = v;
-        ss += v * v;
       }
+      const float ss = kvt::dot(h.data(), h.data(), E);  // the fixed order (vec.h)
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(E) + eps);
       T* o = out + r * E;
       for (int64_t e = 0; e < E; ++e) o[e] = static_cast<T>(to_f(weight[e]) * round_to<T>(h[e] * inv));
@@ -81,9 +80,17 @@ void silu_mul_kernel(const T* gu, T* out, int64_t rows, int64_t I) {
       const T* g = gu + r * 2 * I;
       const T* u = g + I;
       T* o = out + r * I;
-      for (int64_t i = 0; i < I; ++i) {
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {  // exp8 and exp1 give the same bits: the tail may take either
+        const kvt::V8 gv = kvt::load8(g + i);
+        const kvt::V8 e = kvt::exp8(kvt::mul8(gv, kvt::set8(-1.f)));
+        float sv[8];
+        kvt::store8(sv, kvt::div8(gv, kvt::add8(kvt::set8(1.f), e)));
+        for (int j = 0; j < 8; ++j) o[i + j] = static_cast<T>(round_to<T>(sv[j]) * to_f(u[i + j]));
+      }
+      for (; i < I; ++i) {
         const float gv = to_f(g[i]);
-        o[i] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * to_f(u[i]));
+        o[i] = static_cast<T>(round_to<T>(gv / (1.f + kvt::exp1(-gv))) * to_f(u[i]));
       }
     }
   });

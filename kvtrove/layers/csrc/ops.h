@@ -15,7 +15,5 @@ void rope_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
                         const torch::Tensor& mins);
-std::vector<torch::Tensor> round_activations(const torch::Tensor& x);
-torch::Tensor q4_dequantize(const torch::Tensor& qw, const torch::Tensor& scales, const torch::Tensor& mins);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales);
 torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& weights);

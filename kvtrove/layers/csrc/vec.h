@@ -1,13 +1,23 @@
-// Small vector helpers shared by the CPU kernels: float32 math over float32 or bfloat16 storage.
-// AVX2 + FMA where the build targets it (-march=native); plain loops, which compilers vectorize, elsewhere.
+// The arithmetic every kernel shares, defined so that its bits do not depend on the machine.
+//
+// A V8 is eight float32 lanes: one AVX2 register where the build targets AVX2 + FMA (-march=native; an
+// AVX-512 machine runs the same 256-bit code), eight scalars elsewhere. Every operation is one IEEE
+// operation per lane (add, mul, fused multiply-add, max, round-to-nearest, int <-> float), and the build
+// has no -ffast-math and no automatic FMA contraction, so the scalar and the vector forms give the same
+// bits. Reductions have one fixed order, independent of the vector width and of how many tokens or
+// threads share a call:
+// - a dot product over n elements accumulates lane l = sum of elements i = l (mod 8), in increasing i,
+//   with fused multiply-adds, and ends with `tree8`: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7));
+// - exp is `exp8` / `exp1`: one polynomial, the same operations in both forms.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(KVT_SCALAR)
 #include <immintrin.h>
 #define KVT_AVX2 1
 #endif
@@ -17,47 +27,232 @@ namespace kvt {
 inline float to_f(float v) { return v; }
 inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
+// The lanes' fixed reduction tree.
+inline float tree8(const float* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
 #ifdef KVT_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the high half of a float32
+struct V8 {
+  __m256 v;
+};
+inline V8 zero8() { return {_mm256_setzero_ps()}; }
+inline V8 set8(float a) { return {_mm256_set1_ps(a)}; }
+inline V8 load8(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline V8 load8(const c10::BFloat16* p) {  // bf16 is the high half of a float32
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))};
 }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline void store8(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
+inline V8 fma8(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c, one rounding
+inline V8 add8(V8 a, V8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline V8 mul8(V8 a, V8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline V8 max8(V8 a, V8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline V8 div8(V8 a, V8 b) { return {_mm256_div_ps(a.v, b.v)}; }
+// q * s (+ m): eight int8 weights, or eight 4-bit ones (the low nibbles of 8 bytes, or the high ones)
+inline V8 int8x8(const int8_t* q) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))))};
+}
+inline V8 nibbles8(const uint8_t* q, bool high) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  b = high ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(0x0F));
+  return {_mm256_cvtepi32_ps(b)};
+}
+inline float tree8(V8 a) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, a.v);
+  return tree8(t);
+}
+// exp per lane (see exp1): Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial, scaling by 2^n
+inline V8 exp8(V8 x) {
+  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.0f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x.v, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, lo, _CMP_LT_OQ));
+  return {_mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x.v, hi, _CMP_GT_OQ))};
+}
+#else
+struct V8 {
+  float v[8];
+};
+inline V8 zero8() { return V8{}; }
+inline V8 set8(float a) {
+  V8 r;
+  for (float& x : r.v) x = a;
+  return r;
+}
+template <typename T>
+inline V8 load8(const T* p) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = to_f(p[i]);
+  return r;
+}
+inline void store8(float* p, V8 a) { std::memcpy(p, a.v, sizeof a.v); }
+inline V8 fma8(V8 a, V8 b, V8 c) {
+  for (int i = 0; i < 8; ++i) c.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return c;
+}
+inline V8 add8(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline V8 mul8(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+inline V8 max8(V8 a, V8 b) {  // as the vector max: the second operand when either is NaN
+  for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+  return a;
+}
+inline V8 div8(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] /= b.v[i];
+  return a;
+}
+inline V8 int8x8(const int8_t* q) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(q[i]);
+  return r;
+}
+inline V8 nibbles8(const uint8_t* q, bool high) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(high ? q[i] >> 4 : q[i] & 0x0F);
+  return r;
+}
+inline float tree8(V8 a) { return tree8(a.v); }
+#endif
+
+// exp(x) for one float, the same operations as one lane of exp8 (so both give the same bits).
+inline float exp1(float x) {
+  if (x < -87.0f) return 0.f;
+  if (x > 88.0f) return INFINITY;
+  const float n = std::nearbyint(x * 1.44269504f);
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r);
+  p = p + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+#ifndef KVT_AVX2
+inline V8 exp8(V8 x) {
+  for (float& v : x.v) v = exp1(v);
+  return x;
 }
 #endif
 
-// sum_i a[i] * b[i]
+// V16: sixteen float32 lanes, for the linear layers' dot products (lane l sums k = l mod 16; `tree16`
+// folds lanes l and l + 8 together, then tree8). One AVX-512 register, two AVX2 ones, or 16 scalars: the
+// same bits on each.
+#if defined(__AVX512F__) && defined(KVT_AVX2) && !defined(KVT_NO_AVX512)
+#define KVT_AVX512 1
+struct V16 {
+  __m512 v;
+};
+inline V16 zero16() { return {_mm512_setzero_ps()}; }
+inline V16 set16(float a) { return {_mm512_set1_ps(a)}; }
+inline V16 load16(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline V16 load16(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))};
+}
+inline void store16(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
+inline V16 fma16(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline V16 add16(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V16 mul16(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V16 int8x16(const int8_t* q) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))))};
+}
+inline V16 nibbles16(const uint8_t* q, bool high) {  // the low (or high) nibbles of 16 bytes
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  b = high ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
+  return {_mm512_cvtepi32_ps(b)};
+}
+// Keeps a value in a register: without it the compiler re-reads a tile's activation vector from memory
+// for every row it multiplies (a load per FMA, and the loads, not the FMAs, bound the kernel).
+inline void in_register(V16& a) { asm("" : "+v"(a.v)); }
+inline float tree16(V16 a) {
+  const __m256 lo = _mm512_castps512_ps256(a.v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1));
+  return tree8(V8{_mm256_add_ps(lo, hi)});
+}
+#else
+struct V16 {
+  V8 lo, hi;
+};
+inline V16 zero16() { return {zero8(), zero8()}; }
+inline V16 set16(float a) { return {set8(a), set8(a)}; }
+template <typename T>
+inline V16 load16(const T* p) {
+  return {load8(p), load8(p + 8)};
+}
+inline void store16(float* p, V16 a) {
+  store8(p, a.lo);
+  store8(p + 8, a.hi);
+}
+inline V16 fma16(V16 a, V16 b, V16 c) { return {fma8(a.lo, b.lo, c.lo), fma8(a.hi, b.hi, c.hi)}; }
+inline V16 add16(V16 a, V16 b) { return {add8(a.lo, b.lo), add8(a.hi, b.hi)}; }
+inline V16 mul16(V16 a, V16 b) { return {mul8(a.lo, b.lo), mul8(a.hi, b.hi)}; }
+inline V16 int8x16(const int8_t* q) { return {int8x8(q), int8x8(q + 8)}; }
+inline V16 nibbles16(const uint8_t* q, bool high) { return {nibbles8(q, high), nibbles8(q + 8, high)}; }
+inline float tree16(V16 a) { return tree8(add8(a.lo, a.hi)); }
+#ifdef KVT_AVX2
+inline void in_register(V16& a) { asm("" : "+x"(a.lo.v), "+x"(a.hi.v)); }
+#else
+inline void in_register(V16&) {}
+#endif
+#endif
+
+// The lanes of a V16 as 16 floats, folded as tree16 does.
+inline float tree16(const float* a) {
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = a[i] + a[i + 8];
+  return tree8(t);
+}
+
+// out[j] = tree16(lanes + 16 j) for j < 8: eight reductions at once (in vector code, lanes l and l + 8
+// are added as vectors, then a transposing tree of horizontal adds gives each output the tree8 order).
+inline void tree16x8(const float* lanes, float* out) {
+#ifdef KVT_AVX2
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_add_ps(_mm256_loadu_ps(lanes + 16 * j), _mm256_loadu_ps(lanes + 16 * j + 8));
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  for (int j = 0; j < 8; ++j) out[j] = tree16(lanes + 16 * j);
+#endif
+}
+
+// sum_i a[i] * b[i] in the fixed order: lanes over i mod 8, then tree8.
 template <typename T>
 inline float dot(const T* a, const float* b, int64_t n) {
+  V8 acc = zero8();
   int64_t i = 0;
-  float s = 0.f;
-#ifdef KVT_AVX2
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(load8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-  }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), s0);
-  s = hsum(_mm256_add_ps(s0, s1));
-#endif
-  for (; i < n; ++i) s += to_f(a[i]) * b[i];
-  return s;
-}
-
-// y[i] += a * x[i]
-template <typename T>
-inline void axpy(float a, const T* x, float* y, int64_t n) {
-  int64_t i = 0;
-#ifdef KVT_AVX2
-  const __m256 av = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += a * to_f(x[i]);
+  for (; i + 8 <= n; i += 8) acc = fma8(load8(a + i), load8(b + i), acc);
+  if (i == n) return tree8(acc);
+  float lanes[8];
+  store8(lanes, acc);
+  for (; i < n; ++i) lanes[i % 8] = std::fma(to_f(a[i]), b[i], lanes[i % 8]);
+  return tree8(lanes);
 }
 
 }  // namespace kvt
