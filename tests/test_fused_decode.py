@@ -93,9 +93,7 @@ def test_fused_moe_step_equals_the_modules(arch, quantize, tiny_model):
     assert fused == modules
 
 
-@pytest.mark.parametrize(
-    "arch, quantize", [("mixtral", "none"), ("qwen3-moe", "none"), ("deepseek-v2", "int4")]
-)
+@pytest.mark.parametrize("arch, quantize", [("mixtral", "none"), ("qwen3-moe", "none"), ("deepseek-v2", "int4")])
 def test_models_it_does_not_cover_run_the_modules(arch, quantize, tiny_model):
     """Float experts have no bank; DeepSeek's MLA attention is not in the stack."""
     llm = LLM(model=str(tiny_model(arch)), dtype="float32", quantize=quantize, block_size=16, num_blocks=64)

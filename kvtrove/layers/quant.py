@@ -60,7 +60,7 @@ class Int8Linear(nn.Module):
         self.kernels = kernels if self.in_features % 16 == 0 else None
 
     def dequantized(self) -> torch.Tensor:
-        return (self.qweight.float() * self.scales.repeat_interleave(32, 1)[:, : self.in_features])
+        return self.qweight.float() * self.scales.repeat_interleave(32, 1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
