@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kvtrove import LLM, SamplingParams
-from kvtrove.config import default_model_path
+from kvtrove.config import default_model_path, kernel_isa
 
 warnings.filterwarnings("ignore")
 
@@ -39,7 +39,12 @@ def hardware() -> str:
         ),
         platform.processor(),
     )
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "avx2", "fma") if f" {f}" in flags]
+    return (
+        f"{cpu} ({' '.join(isa) or 'no AVX'}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, kernels built for {kernel_isa()}"
+    )
 
 
 def read_bandwidth() -> float:

@@ -21,6 +21,8 @@ from kvtrove.layers.attention import AttentionMetadata
 
 
 class LatentAttention(nn.Module):
+    kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
+
     def __init__(self, num_heads: int, latent_dim: int, rope_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.latent_dim, self.scale = num_heads, latent_dim, scale
@@ -42,11 +44,17 @@ class LatentAttention(nn.Module):
         if nd:
             out[:nd] = self._decode(q[:nd], cache, meta)
         for p in meta.prefills:
-            qp = q[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, R + P]
             if p.context_slots is None:
                 ctx = rows[p.start : p.start + p.length]
             else:
                 ctx = cache.index_select(0, p.context_slots)  # [L, R + P]
+            if self.kernels is not None:  # the decode kernel's arithmetic (layers/csrc/attention.cpp)
+                ctx = ctx.float()[:, None]  # [L, 1, R + P]: one key head; values are its first R numbers
+                qp = q[p.start : p.start + p.length].float()
+                o = self.kernels.prefill_attention(qp, ctx, ctx[..., : self.latent_dim], self.scale, 0)
+                out[p.start : p.start + p.length] = o.to(out.dtype)
+                continue
+            qp = q[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, R + P]
             k = ctx[None, None]
             v = k[..., : self.latent_dim]
             mask = None if p.mask is None else p.mask[None, None]
@@ -59,6 +67,11 @@ class LatentAttention(nn.Module):
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Single-token queries [B, H, R + P] against their contexts -> [B, H, R]."""
         B, L = meta.decode_slots.shape
+        if self.kernels is not None:
+            k = cache[None]  # [1, S, R + P]
+            return self.kernels.paged_decode(
+                q, k, k[..., : self.latent_dim], meta.decode_slots, meta.decode_lens, self.scale, 0
+            ).to(q.dtype)
         ctx = cache.index_select(0, meta.decode_slots.flatten()).view(B, L, -1)
         dtype = q.dtype
         if dtype != torch.float32:  # small matmuls: float32 kernels are far faster on CPUs

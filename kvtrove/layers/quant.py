@@ -57,7 +57,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
         self.out_features, self.in_features = qweight.shape
-        self.kernels = kernels if self.in_features % 16 == 0 else None
+        self.kernels = kernels
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.repeat_interleave(32, 1)[:, : self.in_features]
@@ -155,7 +155,7 @@ class QuantizedExperts(nn.Module):
         self.bank = self._bank(kernels)
         """A decode token's experts in one C++ call (`csrc/expert_bank.h`): the same numbers as `expert`
         and the same summation order, without ~5 Python calls per expert; None where the kernels do not
-        run (no compiler, or int8 rows not in multiples of 16)."""
+        run (no compiler)."""
 
     def _bank(self, kernels):
         layers = [m for pair in self.layers for m in pair]

@@ -45,4 +45,6 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x) and its sign in `sin`."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin)
+    # three exactly rounded ops (addcmul may fuse the multiply-add in one part of a tensor and not in
+    # another, so a token's value would depend on where it sits in the step)
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin

@@ -69,6 +69,8 @@ class DeepseekAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, E, bias=bias)
         self.interleaved = cfg.model_type == "deepseek_v2" or bool(getattr(cfg, "rope_interleave", False))
         self.attn = LatentAttention(H, self.latent_dim, self.rope_dim, softmax_scale(cfg))
+        self._w_uk = None
+        """W_UK per head as [H, R, N] rows for the linear kernel, made on first use (after loading)."""
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         T, H, N, P, R = x.shape[0], self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
@@ -82,14 +84,24 @@ class DeepseekAttention(nn.Module):
         cos, sin = cos_sin
         q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
         w = self.kv_b_proj.weight.view(H, N + self.v_dim, R)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :N]).transpose(0, 1)  # [T, H, R]: W_UK absorbed
-        out = self.attn(torch.cat([q_latent, q_rope], -1), torch.cat([latent, k_rope[:, 0]], -1), meta)
-        out = torch.bmm(out.transpose(0, 1), w[:, N:].transpose(1, 2))  # [H, T, V]: W_UV applied
-        return self.o_proj(out.transpose(0, 1).reshape(T, H * self.v_dim))
+        k = self.attn.kernels
+        if k is None:
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :N]).transpose(0, 1)  # [T, H, R]: W_UK absorbed
+            out = self.attn(torch.cat([q_latent, q_rope], -1), torch.cat([latent, k_rope[:, 0]], -1), meta)
+            out = torch.bmm(out.transpose(0, 1), w[:, N:].transpose(1, 2)).transpose(0, 1)  # [T, H, V]: W_UV
+        else:  # per head through the linear kernel: a token's numbers do not depend on the step's other tokens
+            if self._w_uk is None:
+                self._w_uk = w[:, :N].transpose(1, 2).contiguous()  # [H, R, N]
+            q_latent = torch.stack([k.linear(q_nope[:, h].contiguous(), self._w_uk[h], None) for h in range(H)], 1)
+            out = self.attn(torch.cat([q_latent, q_rope], -1), torch.cat([latent, k_rope[:, 0]], -1), meta)
+            out = torch.stack([k.linear(out[:, h].contiguous(), w[h, N:], None) for h in range(H)], 1)
+        return self.o_proj(out.reshape(T, H * self.v_dim))
 
 
 class DeepseekRouter(nn.Module):
     """Picks each token's experts and their weights (V2: softmax; V3: sigmoid with a choice-only bias)."""
+
+    kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
 
     def __init__(self, cfg):
         super().__init__()
@@ -117,10 +129,13 @@ class DeepseekRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, E] -> weights [T, k] (float32) and chosen experts [T, k]."""
-        logits = F.linear(x.float(), self.weight.float())
+        k = self.kernels
+        logits = (
+            F.linear(x.float(), self.weight.float()) if k is None else k.linear(x.float(), self.weight.float(), None)
+        )
         T, G = logits.shape[0], self.num_groups
         if self.v3:
-            scores = logits.sigmoid()
+            scores = logits.sigmoid() if k is None else k.sigmoid(logits)
             choice = scores + self.e_score_correction_bias.float()
             if G > 1:
                 group_scores = choice.view(T, G, -1).topk(2, dim=-1).values.sum(-1)

@@ -52,7 +52,12 @@ class Experts(nn.Module):
             raise ValueError(f"expert {expert} {leaf} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
         dest.copy_(tensor)
 
+    kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:  # one arithmetic for any number of tokens (csrc/linear.cpp)
+            k = self.kernels
+            return k.linear(k.silu_mul(k.linear(x, self.w13[e], None)), self.w2[e], None)
         gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
@@ -89,6 +94,8 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
 
 
 class SparseMoE(nn.Module):
+    kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
+
     def __init__(self, cfg):
         super().__init__()
         mixtral = cfg.model_type == "mixtral"
@@ -110,7 +117,9 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         out = self.experts(x, weights.to(x.dtype), chosen)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            gate = self.shared_expert_gate(x)
+            k = self.kernels
+            out = out + (torch.sigmoid(gate) if k is None else k.sigmoid(gate)) * self.shared_expert(x)
         return out
 
 

@@ -10,8 +10,10 @@
 // as it goes: the same operations on the same numbers. Keys outside a row's causal window get weight
 // exactly 0 (adding 0 * v leaves a sum unchanged, bit for bit).
 //
-// paged_decode: q [B, H, D]; k_cache, v_cache [K, S, D] (head-major slots); slots [B, L]; lens [B].
-// prefill_attention: q [n, H, D] of the last n positions of a context k, v [L, K, D] (float32).
+// paged_decode: q [B, H, D]; k_cache [K, S, D] (head-major slots), v_cache [K, S, Dv] (any slot stride);
+// slots [B, L]; lens [B]. -> [B, H, Dv]
+// prefill_attention: q [n, H, D] of the last n positions of a context k [L, K, D], v [L, K, Dv] (float32).
+// MLA passes its latent cache as the keys and a view of its first Dv numbers as the values.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -59,8 +61,8 @@ struct Partial {
   float* o;
 };
 
-// Scores s[0, n) of one row against a block, the row's allowed keys [c0, c1) (c0 < c1): m, l and o.
-// p (BK floats) is scratch.
+// Scores s[0, n) of one row against a block, the row's allowed keys [c0, c1) (c0 < c1): m, l and o (D
+// floats: the value width). p (BK floats) is scratch.
 template <typename T>
 void partial(const float* s, int64_t n, int64_t c0, int64_t c1, const T* const* vp, int64_t D, float* p,
              Partial& out) {
@@ -135,12 +137,15 @@ inline void finish(const Partial& st, int64_t D, O* out) {
   for (; d < D; ++d) out[d] = static_cast<O>(st.o[d] / st.l);
 }
 
+// Values are rows of Dv numbers at vc + h * vs_h + slot * vs_s: their own cache, or (MLA) the first Dv
+// numbers of each key row.
 template <typename T>
 void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slots, const int64_t* lens, T* out,
-                   int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t L, float scale, int64_t window) {
+                   int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t L, float scale, int64_t window,
+                   int64_t Dv, int64_t vs_h, int64_t vs_s) {
   const int64_t G = H / K;  // query heads sharing one KV head: each K/V row is read once for all of them
   const int64_t blocks = (L + BK - 1) / BK, items = B * K * blocks;
-  std::vector<float> part_m(items * G), part_l(items * G), part_o(items * G * D);
+  std::vector<float> part_m(items * G), part_l(items * G), part_o(items * G * Dv);
   std::vector<char> used(items, 0);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs(G * D), s(BK), p(BK);
@@ -153,20 +158,20 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
       used[idx] = 1;
       for (int64_t j = 0; j < cnt; ++j) {
         kp[j] = kc + (h * S + slots[b * L + kb + j]) * D;
-        vp[j] = vc + (h * S + slots[b * L + kb + j]) * D;
+        vp[j] = vc + h * vs_h + slots[b * L + kb + j] * vs_s;
       }
       for (int64_t i = 0; i < G * D; ++i) qs[i] = q[(b * H + h * G) * D + i] * scale;
       for (int64_t g = 0; g < G; ++g) {
         scores(qs.data() + g * D, kp.data(), cnt, D, s.data());
-        Partial pt{0.f, 0.f, part_o.data() + (idx * G + g) * D};
-        partial(s.data(), cnt, c0, cnt, vp.data(), D, p.data(), pt);
+        Partial pt{0.f, 0.f, part_o.data() + (idx * G + g) * Dv};
+        partial(s.data(), cnt, c0, cnt, vp.data(), Dv, p.data(), pt);
         part_m[idx * G + g] = pt.m;
         part_l[idx * G + g] = pt.l;
       }
     }
   });
   at::parallel_for(0, B * K * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
+    std::vector<float> acc(Dv);
     for (int64_t bhg = begin; bhg < end; ++bhg) {
       const int64_t bh = bhg / G, g = bhg % G;  // bh = b * K + h: query heads h * G .. of sequence b
       Partial st{0.f, 0.f, acc.data()};
@@ -174,10 +179,10 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
       for (int64_t c = 0; c < blocks; ++c) {
         const int64_t idx = bh * blocks + c, i = idx * G + g;
         if (!used[idx]) continue;
-        merge(st, Partial{part_m[i], part_l[i], part_o.data() + i * D}, D, first);
+        merge(st, Partial{part_m[i], part_l[i], part_o.data() + i * Dv}, Dv, first);
         first = false;
       }
-      finish(st, D, out + bhg * D);
+      finish(st, Dv, out + bhg * Dv);
     }
   });
 }
@@ -185,14 +190,14 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
 struct Views {
   const float *q, *k, *v;
   int64_t qs_t, qs_h, ks_t, ks_h, vs_t, vs_h;  // strides (elements) over tokens and heads
-  int64_t n, L, H, K, D, window;
+  int64_t n, L, H, K, D, Dv, window;  // D: the query / key width, Dv: the value width
   float scale;
 };
 
 // One work item: KV head h, new tokens [t0, t1), each with its G query heads (rows r = (t - t0) * G + g).
 void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out) {
-  const int64_t G = a.H / a.K, D = a.D, rows = (t1 - t0) * G, offset = a.L - a.n;
-  std::vector<float> qs(rows * D), o(rows * D), ob(D), s(BK), p(BK), m(rows), l(rows);
+  const int64_t G = a.H / a.K, D = a.D, Dv = a.Dv, rows = (t1 - t0) * G, offset = a.L - a.n;
+  std::vector<float> qs(rows * D), o(rows * Dv), ob(Dv), s(BK), p(BK), m(rows), l(rows);
   std::vector<int64_t> lo(rows), hi(rows);  // each row's allowed keys [lo, hi)
   std::vector<char> started(rows, 0);
   std::vector<const float*> kp(BK), vp(BK);
@@ -215,9 +220,9 @@ void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out)
       if (c0 >= c1) continue;  // no allowed key in this block
       scores(qs.data() + r * D, kp.data(), c1, D, s.data());
       Partial b{0.f, 0.f, ob.data()};
-      partial(s.data(), c1, c0, c1, vp.data(), D, p.data(), b);
-      Partial st{m[r], l[r], o.data() + r * D};
-      merge(st, b, D, !started[r]);
+      partial(s.data(), c1, c0, c1, vp.data(), Dv, p.data(), b);
+      Partial st{m[r], l[r], o.data() + r * Dv};
+      merge(st, b, Dv, !started[r]);
       started[r] = 1;
       m[r] = st.m;
       l[r] = st.l;
@@ -225,7 +230,7 @@ void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out)
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / G, g = r % G;
-    finish(Partial{m[r], l[r], o.data() + r * D}, D, out + (t * a.H + h * G + g) * D);
+    finish(Partial{m[r], l[r], o.data() + r * Dv}, Dv, out + (t * a.H + h * G + g) * Dv);
   }
 }
 
@@ -233,40 +238,47 @@ void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out)
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                            torch::Tensor lens, double scale, int64_t window) {
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && k_cache.dim() == 3 && v_cache.dim() == 3 && v_cache.stride(2) == 1,
+              "paged_decode: a contiguous key cache [K, S, D] and values [K, S, Dv] with Dv contiguous");
+  TORCH_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "paged_decode: values of the key cache's heads, slots and dtype");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto sl = slots.contiguous();
   auto ln = lens.contiguous();
   const int64_t B = qf.size(0), H = qf.size(1), D = qf.size(2);
-  const int64_t K = k_cache.size(0), S = k_cache.size(1), L = sl.size(1);
-  auto out = torch::empty({B, H, D}, k_cache.options());
+  const int64_t K = k_cache.size(0), S = k_cache.size(1), L = sl.size(1), Dv = v_cache.size(2);
+  TORCH_CHECK(k_cache.size(2) == D && H % K == 0, "paged_decode: q [B, H, D] of the cache's width expected");
+  auto out = torch::empty({B, H, Dv}, k_cache.options());
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kBFloat16,
               "KV cache must be float32 or bfloat16");
+  const int64_t vh = v_cache.stride(0), vs = v_cache.stride(1);
   if (k_cache.scalar_type() == torch::kFloat32) {
     decode_kernel<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                          sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, S, D, L,
-                         static_cast<float>(scale), window);
+                         static_cast<float>(scale), window, Dv, vh, vs);
   } else {
     using BF = c10::BFloat16;
     decode_kernel<BF>(qf.data_ptr<float>(), k_cache.data_ptr<BF>(), v_cache.data_ptr<BF>(), sl.data_ptr<int64_t>(),
-                      ln.data_ptr<int64_t>(), out.data_ptr<BF>(), B, H, K, S, D, L, static_cast<float>(scale), window);
+                      ln.data_ptr<int64_t>(), out.data_ptr<BF>(), B, H, K, S, D, L, static_cast<float>(scale), window,
+                      Dv, vh, vs);
   }
   return out;
 }
 
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
                                 int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(),
-              "prefill_attention: q [n, H, D], k and v [L, K, D] expected");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.size(0) == v.size(0) && k.size(1) == v.size(1),
+              "prefill_attention: q [n, H, D], k [L, K, D] and v [L, K, Dv] expected");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "prefill_attention: float32 tensors expected");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "prefill_attention: head dim contiguous");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), L = k.size(0), K = k.size(1);
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), L = k.size(0), K = k.size(1), Dv = v.size(2);
   TORCH_CHECK(k.size(2) == D && H % K == 0 && n <= L && n > 0, "prefill_attention: shapes do not match");
   const Views a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), q.stride(0), q.stride(1),
-                k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, window,
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, Dv, window,
                 static_cast<float>(scale)};
-  auto out = torch::empty({n, H, D}, q.options());
+  auto out = torch::empty({n, H, Dv}, q.options());
   float* o = out.data_ptr<float>();
   // Items (KV head, token block), costliest first (later blocks see more keys), handed out one at a time:
   // static splits would give one thread all the long rows.

@@ -59,7 +59,7 @@ struct Moe {
       rows.push_back(bank->forward(h.narrow(0, t, 1), std::vector<int64_t>(p, p + top_k), weights[t]));
     }
     auto out = T == 1 ? rows[0] : at::cat(rows, 0);
-    if (shared_gate_up) out = out + at::sigmoid((*shared_gate)(h)) * (*shared_down)(silu_mul((*shared_gate_up)(h)));
+    if (shared_gate_up) out = out + logistic((*shared_gate)(h)) * (*shared_down)(silu_mul((*shared_gate_up)(h)));
     return out;
   }
 };

@@ -96,6 +96,15 @@ void silu_mul_kernel(const T* gu, T* out, int64_t rows, int64_t I) {
   });
 }
 
+// out = 1 / (1 + exp(-x)), the same bits at any position of any tensor (torch's differs between its
+// vector body and its scalar tail, so a token's value would depend on how many tokens share the call).
+template <typename T>
+void sigmoid_kernel(const T* x, T* out, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<T>(1.f / (1.f + kvt::exp1(-to_f(x[i]))));
+  });
+}
+
 template <typename F>
 void dispatch(at::ScalarType dtype, const char* what, F&& f) {
   if (dtype == at::kFloat) {
@@ -161,6 +170,16 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   dispatch(gate_up.scalar_type(), "silu_mul", [&](auto v) {
     using T = decltype(v);
     silu_mul_kernel<T>(gate_up.data_ptr<T>(), out.data_ptr<T>(), rows, I);
+  });
+  return out;
+}
+
+torch::Tensor logistic(const torch::Tensor& x) {
+  const auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  dispatch(xc.scalar_type(), "sigmoid", [&](auto v) {
+    using T = decltype(v);
+    sigmoid_kernel<T>(xc.data_ptr<T>(), out.data_ptr<T>(), xc.numel());
   });
   return out;
 }

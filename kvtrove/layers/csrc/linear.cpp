@@ -35,7 +35,7 @@ constexpr int64_t SCRATCH = 16384 / 4;  // floats of expanded weights per row gr
 constexpr int64_t XBLOCK = 524288 / 4;  // floats of activations per token block (L2)
 
 // A weight format: `load(n, k)` gives w[n, k .. k + 16) as float32 (k a multiple of 16), `at(n, k)` one
-// weight of the K % 16 tail (float formats only: the quantized ones have none).
+// weight of the K % 16 tail, the same value (int4 has no tail: K is a multiple of 32).
 template <typename T>
 struct FloatW {  // float32 or bfloat16 rows
   const T* w;
@@ -51,7 +51,7 @@ struct Int8W {
   V16 load(int64_t n, int64_t k) const {
     return kvt::mul16(kvt::int8x16(q + n * K + k), kvt::set16(scales[n * groups + k / G]));
   }
-  float at(int64_t, int64_t) const { return 0.f; }  // K is a multiple of 16: no tail
+  float at(int64_t n, int64_t k) const { return static_cast<float>(q[n * K + k]) * scales[n * groups + k / G]; }
 };
 
 struct Int4W {
@@ -214,10 +214,10 @@ void check_x(const torch::Tensor& x, int64_t K, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name, ": float32 or bfloat16 x");
 }
 
-// int8 [N, K] (K a multiple of 16) and float32 scales [N, ceil(K/32)]; int4 [N, K/2] and scales, mins [N, K/32].
+// int8 [N, K] and float32 scales [N, ceil(K/32)]; int4 [N, K/2] and scales, mins [N, K/32].
 Int8W int8_weight(const torch::Tensor& qw, const torch::Tensor& scales, const char* name) {
-  TORCH_CHECK(qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.dim() == 2 && qw.size(1) % 16 == 0,
-              name, ": int8 weights [N, K] with K a multiple of 16 expected");
+  TORCH_CHECK(qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.dim() == 2, name,
+              ": int8 weights [N, K] expected");
   const int64_t N = qw.size(0), K = qw.size(1), groups = (K + G - 1) / G;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * groups, name,
               ": float32 scales [N, ceil(K/32)] expected");

@@ -13,6 +13,7 @@ torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Te
 void rope_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
                 torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t num_heads);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor logistic(const torch::Tensor& x);  // sigmoid, the same bits wherever x sits
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
                         const torch::Tensor& mins);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales);
