@@ -70,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"hardware: {hardware()}")
     base = LLM(quantize="none", kv_host_gb=0, kv_disk_gb=0)
-    prompts = agreement_ids(base.engine.tokenizer)
+    prompts = agreement_ids(base.engine)
     ref = hf_greedy(hf_model(torch.float32), prompts, args.tokens)
     half = len(prompts) // 2
     rows = {}

@@ -1,6 +1,6 @@
 """A held-out prompt set for float-reference agreement: plain text continuations and chat questions.
 
-`agreement_ids(tokenizer)` gives each prompt's token ids (chat ones through the model's chat template), so
+`agreement_ids(engine)` gives each prompt's token ids (chat ones through the model's chat template), so
 every engine compared is fed exactly the same tokens.
 """
 
@@ -61,12 +61,9 @@ CHAT = [
 ]
 
 
-def agreement_ids(tokenizer) -> list[list[int]]:
-    """Token ids of every prompt: the plain ones as they are, the chat ones as a user turn of the chat
-    template with the assistant's turn opened."""
-    plain = [tokenizer(p)["input_ids"] for p in PLAIN]
-    chat = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-        for q in CHAT
-    ]
-    return plain + [list(c["input_ids"] if isinstance(c, dict) else c) for c in chat]
+def agreement_ids(engine) -> list[list[int]]:
+    """Token ids of every prompt as `engine` (a kvtrove Engine) tokenizes them: the plain ones as they are,
+    the chat ones as a user turn of the model's chat template with the assistant's turn opened."""
+    plain = [engine.tokenize(p) for p in PLAIN]
+    chat = [engine.chat_prompt([{"role": "user", "content": q}])["prompt_token_ids"] for q in CHAT]
+    return plain + chat

@@ -5,8 +5,8 @@ Run: `python -m bench.quant` (needs llama-cpp-python: `make bench` installs it).
   token to the last.
 - prefill: tokens/s of a fresh 512-token prompt (TTFT of a prompt nobody has seen; llama.cpp's state
   is reset before each).
-Ours: `quantize=none` (fp32 weights), `int8` (per channel), `auto` (the default: the file's Q4_1
-blocks as int4, the Q8_0 output head as int8). llama.cpp: the shipped Q4_1 file, and a Q8_0 file made
+Ours: `quantize=none` (fp32 weights), `int8` (a scale per 32), `auto` (the default: the file's Q4_1
+blocks as int4, its Q8_0 output head as int8, both exact). llama.cpp: the shipped Q4_1 file, and a Q8_0 file made
 from it with llama.cpp's own quantizer (same 4-bit information, 8-bit storage and kernels). Best of
 `--repeats` rounds per figure; all five engines stay loaded and each round measures every one of them
 on the same prompt, one after another, so a slow spell of this shared box hits ours and the peer alike
@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from bench.core import hardware, llamacpp_timed, prompt_ids
+from bench.results import save
 from kvtrove import LLM, SamplingParams
 from kvtrove.config import default_model_path
 
@@ -112,6 +113,10 @@ def main() -> None:
     for t, (d, p) in lc.items():
         print(f"| llama.cpp {t} | {d:.1f} | {p:.0f} | | |")
     print("targets: int4 decode >= 1.0x llama.cpp Q4_1; prefill >= 2x llama.cpp")
+    figures = {name: {"decode_tok_s": d, "prefill_tok_s": p} for name, (d, p) in best.items()}
+    (d, p), (ld, lp) = best["auto"], lc["Q4_1"]
+    ratios = {"int4_decode_vs_q4_1": d / ld, "int4_prefill_vs_q4_1": p / lp}
+    save("quant", {"hardware": hardware(), "prompt_tokens": 512, "decode_tokens": n, "best": figures, **ratios})
 
 
 if __name__ == "__main__":

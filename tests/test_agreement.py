@@ -18,7 +18,7 @@ from kvtrove import LLM
 @pytest.mark.slow
 def test_default_engine_keeps_the_float_models_answers(smollm_path):
     llm = LLM(model=smollm_path, kv_host_gb=0, kv_disk_gb=0)  # the default: quantize=auto
-    prompts = agreement_ids(llm.engine.tokenizer)
+    prompts = agreement_ids(llm.engine)
     assert len(prompts) >= 40
     want = hf_greedy(hf_model(torch.float32), prompts, 32)
     got = ours_greedy(llm, prompts, 32)

@@ -1,15 +1,16 @@
 """Our C++ CPU kernels, compiled on first use with torch's JIT extension builder (cached per machine).
 
-Only what PyTorch lacks (measured) lives here: single-token attention read straight from the paged KV
-cache (the torch path gathers a copy of every context first); prefill attention (torch's CPU flash
-attention reaches ~35 GFLOP/s on 64-wide heads, register-tiled micro-kernels here ~1.7x that); few-token
-linear layers that stream weights at the machine's read bandwidth (torch's CPU GEMV paths reach about
-half of it); the elementwise chains between matmuls fused into one pass each (norm + residual, RoPE +
-KV write, SiLU * up), which at decode time cost as much as the matmuls when run as ~30 small ops; the
-4-bit and 8-bit linear layers (PyTorch's int4 CPU kernel is compute-bound on AVX2 machines; its int8 one
-rounds activations and outputs to bf16); and a whole decode step of a Llama-family model chaining those
-kernels in one call (the Python between ~300 module calls cost a third of a small model's step). When
-no compiler is available the callers fall back to torch ops with the same results (up to rounding).
+What PyTorch lacks (measured), or computes in an order that depends on the batch shape: linear layers
+(float32, bf16, int8, int4) with one fixed summation order for any number of tokens, streaming decode
+weights at the machine's read bandwidth (torch's CPU GEMV paths reach about half of it; its int4 kernel is
+compute-bound on AVX2, its int8 one rounds activations and outputs to bf16); attention over the paged KV
+cache for decode and prefill with the same key blocks and merge order; the elementwise chains between
+matmuls fused into one pass each (norm + residual, RoPE + KV write, SiLU * up, sigmoid), which at decode
+time cost as much as the matmuls when run as ~30 small ops; and a whole decode step of a Llama-family
+model chaining those kernels in one call. Every reduction has one order, defined independently of the
+vector width (`csrc/vec.h`), so a token's numbers are the same bits in any step, on any thread count and
+with AVX-512, AVX2 or no SIMD. When no compiler is available the callers fall back to torch ops (close,
+not batch-invariant).
 """
 
 from __future__ import annotations
