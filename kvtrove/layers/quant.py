@@ -4,7 +4,8 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
 - `int8`: one int8 per weight and a float32 scale per 32 along the input (symmetric, round to nearest):
   GGUF's Q8_0 blocks exactly, or any float weight quantized so.
 - `int4`: 4 bits per weight in groups of `group_size` along the input, a float32 scale and minimum per
-  group (w = q * scale + min, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly).
+  group (w = q * scale + min rounded once, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it
+  exactly).
 Both run kvtrove's C++ linear kernel (`csrc/linear.cpp`) for every step: the weights expanded to float32
 as stored and float32 activations, each output in one fixed summation order, so a token's numbers are
 the same in a decode step, a batch or any prefill chunk, and a GGUF's weights are used as the file has
@@ -121,11 +122,11 @@ class Int4Linear(nn.Module):
         __getattr__, ~1 us each, on the 120 calls of a decode step)."""
 
     def dequantized(self) -> torch.Tensor:
-        """w = q * scale + min, rounded after the product and after the sum, as the kernel expands it."""
+        """w = q * scale + min rounded once, as the kernel expands it (q * scale is exact in float64)."""
         n, k = self.out_features, self.in_features
         packed = self.qweight.view(n, k // 32, 16)
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).view(n, k // 32, 32).float()
-        return (q * self.scales[..., None] + self.mins[..., None]).view(n, k)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).view(n, k // 32, 32).double()
+        return (q * self.scales[..., None].double() + self.mins[..., None].double()).float().view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is not None and self.kernels is not None and x.dim() == 2:  # the common case, lean

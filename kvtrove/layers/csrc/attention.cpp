@@ -170,7 +170,7 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
       }
     }
   });
-  at::parallel_for(0, B * K * G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * K * G, 64, [&](int64_t begin, int64_t end) {  // small: one thread unless many rows
     std::vector<float> acc(Dv);
     for (int64_t bhg = begin; bhg < end; ++bhg) {
       const int64_t bh = bhg / G, g = bhg % G;  // bh = b * K + h: query heads h * G .. of sequence b

@@ -7,9 +7,9 @@
 // Weight formats, each expanded to float32 exactly as stored:
 // - float32 / bfloat16 [N, K] (bf16 widened, which is exact);
 // - int8 [N, K] with a float32 scale per 32 along K: w = q * scale (GGUF Q8_0's blocks as they are);
-// - int4 [N, K/2] uint8 with a float32 scale and min per 32: w = q * scale + min (rounded after the
-//   product and after the sum, as the gguf package computes Q4_0 / Q4_1 / Q4_K), byte j of a group
-//   holding weight j (low nibble) and weight j + 16 (high).
+// - int4 [N, K/2] uint8 with a float32 scale and min per 32: w = q * scale + min rounded once (a fused
+//   multiply-add; for GGUF's Q4_0 / Q4_1 / Q4_K blocks q * scale is exact, so this is the gguf package's
+//   dequantization bit for bit), byte j of a group holding weight j (low nibble) and weight j + 16 (high).
 //
 // Work: rows in groups of R, tokens in blocks that stay in L2; a row group's weights are expanded to
 // float32 (interleaved per 16 along K) into a small buffer per slice of K and reused by every token of
@@ -34,13 +34,17 @@ constexpr int64_t G = 32;               // quantization group along K
 constexpr int64_t SCRATCH = 16384 / 4;  // floats of expanded weights per row group and K slice (L1)
 constexpr int64_t XBLOCK = 524288 / 4;  // floats of activations per token block (L2)
 
-// A weight format: `load(n, k)` gives w[n, k .. k + 16) as float32 (k a multiple of 16), `at(n, k)` one
-// weight of the K % 16 tail, the same value (int4 has no tail: K is a multiple of 32).
+// A weight format: `load(n, k, out)` writes w[n, k .. k + 16 * kChunks) as float32 into kChunks vectors
+// (k a multiple of 16 * kChunks), `at(n, k)` one weight of the K % 16 tail, the same value (int4 has no
+// tail: K is a multiple of 32); `at_bytes(n, k)` where w[n, k] is stored, to prefetch (rows stream from
+// DRAM at ~11 GB/s without it, ~20-25 with it).
 template <typename T>
 struct FloatW {  // float32 or bfloat16 rows
   const T* w;
   int64_t K;
-  V16 load(int64_t n, int64_t k) const { return kvt::load16(w + n * K + k); }
+  static constexpr int kChunks = 1;
+  void load(int64_t n, int64_t k, V16* out) const { out[0] = kvt::load16(w + n * K + k); }
+  const void* at_bytes(int64_t n, int64_t k) const { return w + n * K + k; }
   float at(int64_t n, int64_t k) const { return kvt::to_f(w[n * K + k]); }
 };
 
@@ -48,8 +52,10 @@ struct Int8W {
   const int8_t* q;
   const float* scales;
   int64_t K, groups;  // groups = ceil(K / 32): the last one may be short
-  V16 load(int64_t n, int64_t k) const {
-    return kvt::mul16(kvt::int8x16(q + n * K + k), kvt::set16(scales[n * groups + k / G]));
+  static constexpr int kChunks = 1;
+  const void* at_bytes(int64_t n, int64_t k) const { return q + n * K + k; }
+  void load(int64_t n, int64_t k, V16* out) const {
+    out[0] = kvt::mul16(kvt::int8x16(q + n * K + k), kvt::set16(scales[n * groups + k / G]));
   }
   float at(int64_t n, int64_t k) const { return static_cast<float>(q[n * K + k]) * scales[n * groups + k / G]; }
 };
@@ -58,10 +64,14 @@ struct Int4W {
   const uint8_t* q;
   const float *scales, *mins;
   int64_t K;
-  V16 load(int64_t n, int64_t k) const {  // weights 0-15 of a group are the low nibbles, 16-31 the high ones
+  static constexpr int kChunks = 2;  // a group at a time: one load of its 16 bytes, one scale and min
+  const void* at_bytes(int64_t n, int64_t k) const { return q + n * (K / 2) + k / 2; }
+  void load(int64_t n, int64_t k, V16* out) const {  // weights 0-15 of a group are the low nibbles, 16-31 the high
     const int64_t g = n * (K / G) + k / G;
-    const V16 v = kvt::nibbles16(q + n * (K / 2) + k / G * (G / 2), k % G != 0);
-    return kvt::add16(kvt::mul16(v, kvt::set16(scales[g])), kvt::set16(mins[g]));
+    const uint8_t* b = q + n * (K / 2) + k / 2;
+    const V16 s = kvt::set16(scales[g]), m = kvt::set16(mins[g]);
+    out[0] = kvt::fma16(kvt::nibbles16(b, false), s, m);  // q * scale + min, one rounding
+    out[1] = kvt::fma16(kvt::nibbles16(b, true), s, m);
   }
   float at(int64_t, int64_t) const { return 0.f; }
 };
@@ -136,10 +146,19 @@ template <int R, class W>
 inline void tile1(const W& w, const int64_t* rows, const float* x, int64_t steps, float* acc) {
   V16 a[R];
   for (int r = 0; r < R; ++r) a[r] = kvt::zero16();
-  for (int64_t i = 0; i < steps; ++i) {
-    V16 xv = kvt::load16(x + 16 * i);
-    kvt::in_register(xv);
-    for (int r = 0; r < R; ++r) a[r] = kvt::fma16(xv, w.load(rows[r], 16 * i), a[r]);
+  constexpr int C = W::kChunks;
+  for (int64_t i = 0; i < steps; i += C) {
+    V16 xv[C];
+    for (int c = 0; c < C; ++c) {
+      xv[c] = kvt::load16(x + 16 * (i + c));
+      kvt::in_register(xv[c]);
+    }
+    for (int r = 0; r < R; ++r) {
+      kvt::prefetch(w.at_bytes(rows[r] + R, 16 * i));  // the next row group's weights, ahead of DRAM
+      V16 wv[C];
+      w.load(rows[r], 16 * i, wv);
+      for (int c = 0; c < C; ++c) a[r] = kvt::fma16(xv[c], wv[c], a[r]);
+    }
   }
   for (int r = 0; r < R; ++r) kvt::store16(acc + r * 16, a[r]);
 }
@@ -162,9 +181,13 @@ void row_group(const W& w, const float* x, const float* xp, int64_t m0, int64_t 
   if (K16 == 0) std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t k0 = 0; k0 < K16; k0 += slice) {
     const int64_t k1 = std::min(K16, k0 + slice), steps = (k1 - k0) / 16;
-    for (int64_t i = 0; i < steps; ++i)  // rows past nr repeat the last one (their results are dropped)
-      for (int r = 0; r < R; ++r)
-        kvt::store16(scratch.data() + (i * R + r) * 16, w.load(n0 + std::min<int64_t>(r, nr - 1), k0 + 16 * i));
+    for (int64_t i = 0; i < steps; i += W::kChunks)  // rows past nr repeat the last one (results dropped)
+      for (int r = 0; r < R; ++r) {
+        kvt::prefetch(w.at_bytes(n0 + R + r, k0 + 16 * i));  // the next row group's
+        V16 wv[W::kChunks];
+        w.load(n0 + std::min<int64_t>(r, nr - 1), k0 + 16 * i, wv);
+        for (int c = 0; c < W::kChunks; ++c) kvt::store16(scratch.data() + ((i + c) * R + r) * 16, wv[c]);
+      }
     for (int64_t m = m0; m < m1; m += MB) {
       const int64_t mt = std::min<int64_t>(MB, m1 - m);
       tile_n<R, MB>(static_cast<int>(mt), scratch.data(), xp + m * K16 + k0 * mt, steps, acc.data() + (m - m0) * R * 16,

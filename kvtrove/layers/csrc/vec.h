@@ -131,6 +131,15 @@ inline V8 nibbles8(const uint8_t* q, bool high) {
 inline float tree8(V8 a) { return tree8(a.v); }
 #endif
 
+// A hint to fetch the cache line holding p (no effect on any result; a no-op without SIMD).
+inline void prefetch(const void* p) {
+#ifdef KVT_AVX2
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
 // exp(x) for one float, the same operations as one lane of exp8 (so both give the same bits).
 inline float exp1(float x) {
   if (x < -87.0f) return 0.f;
