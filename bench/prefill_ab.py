@@ -1,0 +1,64 @@
+"""Float prefill speed of this checkout against an earlier one, same run: TTFT of fresh 512- and 2,048-token
+prompts with `quantize=none` in float32 and bfloat16, each checkout in its own process, interleaved rounds,
+best per figure. Run: `git worktree add /tmp/base <commit>` then
+`python -m bench.prefill_ab --baseline /tmp/base`; writes bench/results/prefill_ab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.core import hardware
+from bench.results import save
+
+PROBE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from kvtrove import LLM, SamplingParams
+g = torch.Generator().manual_seed(7)
+out = {}
+for dtype in ("float32", "bfloat16"):
+    llm = LLM(quantize="none", dtype=dtype, kv_host_gb=0, kv_disk_gb=0)
+    p = SamplingParams(max_tokens=1, temperature=0)
+    for n in (512, 2048):
+        ids = torch.randint(3, 49152, (n,), generator=g).tolist()
+        llm.generate({"prompt_token_ids": ids[:64]}, p)
+        best = 1e9
+        for _ in range(3):
+            llm.engine.pool.reset_cache()
+            best = min(best, llm.generate({"prompt_token_ids": ids}, p)[0].ttft_s)
+        out[f"{dtype} {n}"] = n / best
+print(json.dumps(out))
+"""
+
+
+def probe(checkout: Path) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", PROBE, str(checkout)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--baseline", required=True, type=Path, help="a checkout of the earlier commit")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    here = Path(__file__).resolve().parent.parent
+    print(f"hardware: {hardware()}")
+    best: dict[str, dict[str, float]] = {"baseline": {}, "this": {}}
+    for _ in range(args.rounds):
+        for name, path in (("baseline", args.baseline), ("this", here)):
+            for k, v in probe(path).items():
+                best[name][k] = max(best[name].get(k, 0.0), v)
+    print("prefill tok/s (fresh prompt, best of rounds) | baseline | this | ratio")
+    for k in best["this"]:
+        b, t = best["baseline"][k], best["this"][k]
+        print(f"  {k:<16} {b:8.0f} {t:8.0f} {t / b:6.2f}x")
+    save("prefill_ab", {"hardware": hardware(), "baseline": str(args.baseline), "prefill_tok_s": best})
+
+
+if __name__ == "__main__":
+    main()
