@@ -8,6 +8,7 @@ MLA and routers)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -173,42 +174,47 @@ ISA_SCRIPT = """
 import json, sys, torch
 from kvtrove import LLM
 from tests.test_invariance import PARAMS, make_prompts, LogitsTap
-path, quantize, out = sys.argv[1], sys.argv[2], sys.argv[3]
-llm = LLM(model=path, quantize=quantize, block_size=16, kv_host_gb=0, kv_disk_gb=0, num_blocks=256)
-assert llm.engine.runner.fused_decode is not None
-tap = LogitsTap(llm)
-prompts = make_prompts(int(sys.argv[4]), [40, 97], seed=5)
-llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS)
-torch.save(tap.take(prompts), out)
+out = {}
+for name, path, quantize, vocab in json.loads(sys.argv[1]):
+    llm = LLM(model=path, quantize=quantize, block_size=16, kv_host_gb=0, kv_disk_gb=0, num_blocks=256)
+    assert llm.engine.runner.fused_decode is not None
+    tap = LogitsTap(llm)
+    prompts = make_prompts(vocab, [40, 97], seed=5)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS)
+    out[name] = tap.take(prompts)
+torch.save(out, sys.argv[2])
 """
 
 
-def _logits_with_isa(isa: str, path: str, quantize: str, vocab: int, out) -> list[torch.Tensor]:
+def _logits_with_isa(isa: str, models: list, out) -> dict[str, list[torch.Tensor]]:
     env = dict(os.environ, KVTROVE_KERNEL_ISA=isa)
     if isa != "native":  # the library kernels capped too (oneDNN, ATen's own vector code)
         env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2" if isa == "avx2" else "default")
-    subprocess.run(
-        [sys.executable, "-c", ISA_SCRIPT, path, quantize, str(out), str(vocab)],
-        env=env,
-        check=True,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
-    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", ISA_SCRIPT, json.dumps(models), str(out)], env=env, check=True, cwd=root)
     return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def isa_models(smollm_path, tiny_model):
+    """The default model (int4 + int8) and a tiny float one."""
+    return [["default", smollm_path, "auto", 49152], ["llama", str(tiny_model("llama")), "none", 1000]]
+
+
+@pytest.fixture(scope="module")
+def native_logits(isa_models, tmp_path_factory):
+    return _logits_with_isa("native", isa_models, tmp_path_factory.mktemp("isa") / "native.pt")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_same_bits_with_every_instruction_set(isa, smollm_path, tiny_model, tmp_path):
+def test_same_bits_with_every_instruction_set(isa, isa_models, native_logits, tmp_path):
     """The kernels built for AVX2 only or for no SIMD at all (the paths of other machines), with oneDNN and
     ATen capped likewise, give the same logits as this machine's native build: KV and answers carry over
-    between engines on different CPUs. Real default model (int4 + int8) and a tiny float model."""
-    for name, path, quantize, vocab in [
-        ("default", smollm_path, "auto", 49152),
-        ("llama", str(tiny_model("llama")), "none", 1000),
-    ]:
-        native = _logits_with_isa("native", path, quantize, vocab, tmp_path / f"{name}-native.pt")
-        other = _logits_with_isa(isa, path, quantize, vocab, tmp_path / f"{name}-{isa}.pt")
-        assert_same(other, native, f"{name}: {isa} build vs native")
+    between engines on different CPUs."""
+    other = _logits_with_isa(isa, isa_models, tmp_path / f"{isa}.pt")
+    for name, _, _, _ in isa_models:
+        assert_same(other[name], native_logits[name], f"{name}: {isa} build vs native")
 
 
 def test_kernel_isa_is_checked(monkeypatch):
