@@ -81,15 +81,15 @@ class ModelConfig:
     max_model_len: int | None = opt(None, "Longest prompt + output in tokens; None -> the model's own context length.")
     cpu_kernels: bool = opt(
         True,
-        "Use kvtrove's C++ CPU kernels (paged decode attention, few-token linear layers); compiled on first "
-        "use, torch ops otherwise.",
+        "Use kvtrove's C++ CPU kernels (linear layers, attention, fused elementwise ops; batch-invariant), "
+        "compiled on first use; torch ops otherwise.",
     )
 
     quantize: str = opt(
         "auto",
-        "Weight-only quantization of the linear layers: auto (a GGUF's 4-bit weights run as int4 from their "
-        "own blocks, its other quantized ones as int8, the rest float), none, int8 (per channel) or int4 "
-        "(per group).",
+        "Weight-only quantization of the linear layers: auto (a GGUF's 4-bit weights run as int4 and its Q8_0 "
+        "ones as int8, from their own blocks; other quantized ones as int8; the rest float), none, int8 (a "
+        "scale per 32) or int4 (per group).",
     )
     quantize_group_size: int = opt(32, "Weights per int4 group (32, 64, 128 or 256).")
     placement: str | None = opt(
