@@ -45,7 +45,6 @@ inline void store8(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
 inline V8 fma8(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c, one rounding
 inline V8 add8(V8 a, V8 b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline V8 mul8(V8 a, V8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline V8 max8(V8 a, V8 b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline V8 div8(V8 a, V8 b) { return {_mm256_div_ps(a.v, b.v)}; }
 // q * s (+ m): eight int8 weights, or eight 4-bit ones (the low nibbles of 8 bytes, or the high ones)
 inline V8 int8x8(const int8_t* q) {
@@ -108,10 +107,6 @@ inline V8 add8(V8 a, V8 b) {
 }
 inline V8 mul8(V8 a, V8 b) {
   for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
-  return a;
-}
-inline V8 max8(V8 a, V8 b) {  // as the vector max: the second operand when either is NaN
-  for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
   return a;
 }
 inline V8 div8(V8 a, V8 b) {
@@ -185,7 +180,6 @@ inline V16 load16(const c10::BFloat16* p) {
 }
 inline void store16(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
 inline V16 fma16(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline V16 add16(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline V16 mul16(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline V16 int8x16(const int8_t* q) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))))};
@@ -198,11 +192,6 @@ inline V16 nibbles16(const uint8_t* q, bool high) {  // the low (or high) nibble
 // Keeps a value in a register: without it the compiler re-reads a tile's activation vector from memory
 // for every row it multiplies (a load per FMA, and the loads, not the FMAs, bound the kernel).
 inline void in_register(V16& a) { asm("" : "+v"(a.v)); }
-inline float tree16(V16 a) {
-  const __m256 lo = _mm512_castps512_ps256(a.v);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1));
-  return tree8(V8{_mm256_add_ps(lo, hi)});
-}
 #else
 struct V16 {
   V8 lo, hi;
@@ -218,11 +207,9 @@ inline void store16(float* p, V16 a) {
   store8(p + 8, a.hi);
 }
 inline V16 fma16(V16 a, V16 b, V16 c) { return {fma8(a.lo, b.lo, c.lo), fma8(a.hi, b.hi, c.hi)}; }
-inline V16 add16(V16 a, V16 b) { return {add8(a.lo, b.lo), add8(a.hi, b.hi)}; }
 inline V16 mul16(V16 a, V16 b) { return {mul8(a.lo, b.lo), mul8(a.hi, b.hi)}; }
 inline V16 int8x16(const int8_t* q) { return {int8x8(q), int8x8(q + 8)}; }
 inline V16 nibbles16(const uint8_t* q, bool high) { return {nibbles8(q, high), nibbles8(q + 8, high)}; }
-inline float tree16(V16 a) { return tree8(add8(a.lo, a.hi)); }
 #ifdef KVT_AVX2
 inline void in_register(V16& a) { asm("" : "+x"(a.lo.v), "+x"(a.hi.v)); }
 #else
@@ -230,7 +217,7 @@ inline void in_register(V16&) {}
 #endif
 #endif
 
-// The lanes of a V16 as 16 floats, folded as tree16 does.
+// The fold of 16 lanes: lanes l and l + 8 added, then tree8.
 inline float tree16(const float* a) {
   float t[8];
   for (int i = 0; i < 8; ++i) t[i] = a[i] + a[i + 8];
