@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -27,87 +28,151 @@
 
 namespace {
 
+using kvt::V16;
 using kvt::V8;
 
 constexpr int64_t BK = 64;  // keys per block
 constexpr int64_t BQ = 64;  // prefill: tokens per work item
 
-// s[j] = q . k_j for the block's keys j < n (kvt::dot's order); eight keys at a time when D % 8 == 0.
-template <typename T>
-void scores(const float* q, const T* const* kp, int64_t n, int64_t D, float* s) {
+// Rows per pass: the score pass keeps rows x 8 keys accumulators (8 lanes each), the value pass rows x
+// kChunks x 16 lanes; both read each key / value row once for all their rows. The numbers of a row never
+// depend on which rows share its pass.
+#ifdef KVT_AVX512
+constexpr int kScoreRows = 3, kValueRows = 4, kChunks = 4;  // 32 ymm / zmm registers
+#elif defined(KVT_AVX2)
+constexpr int kScoreRows = 1, kValueRows = 2, kChunks = 2;
+#else
+constexpr int kScoreRows = 1, kValueRows = 1, kChunks = 1;
+#endif
+
+// s_r[j] = q_r . k_j for keys j < n and RT rows (kvt::dot's order); eight keys at a time when D % 8 == 0.
+template <int RT, typename T>
+void score_pass(const float* const* q, const T* const* kp, int64_t n, int64_t D, float* const* s) {
   int64_t j = 0;
 #ifdef KVT_AVX2
   if (D % 8 == 0) {
     for (; j + 8 <= n; j += 8) {
-      __m256 a[8];
-      for (int c = 0; c < 8; ++c) a[c] = _mm256_setzero_ps();
+      __m256 a[RT][8];
+      for (int r = 0; r < RT; ++r)
+        for (int c = 0; c < 8; ++c) a[r][c] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(kvt::load8(kp[j + c] + d).v, qv, a[c]);
+        __m256 qv[RT];
+        for (int r = 0; r < RT; ++r) qv[r] = _mm256_loadu_ps(q[r] + d);
+        for (int c = 0; c < 8; ++c) {
+          const __m256 kv = kvt::load8(kp[j + c] + d).v;
+          for (int r = 0; r < RT; ++r) a[r][c] = _mm256_fmadd_ps(kv, qv[r], a[r][c]);
+        }
       }
       // lane c: ((a_c0 + a_c1) + (a_c2 + a_c3)) + ((a_c4 + a_c5) + (a_c6 + a_c7)), which is tree8
-      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-      _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+      for (int r = 0; r < RT; ++r) {
+        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r][2], a[r][3]));
+        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[r][4], a[r][5]), _mm256_hadd_ps(a[r][6], a[r][7]));
+        _mm256_storeu_ps(s[r] + j,
+                         _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+      }
     }
   }
 #endif
-  for (; j < n; ++j) s[j] = kvt::dot(kp[j], q, D);
+  for (; j < n; ++j)
+    for (int r = 0; r < RT; ++r) s[r][j] = kvt::dot(kp[j], q[r], D);
 }
 
-// One row's result over one block (o: D floats owned by the caller).
+// o_r[d, d + 16C) = sum_{j < n} p_r[j] v_j[d ..] for RT rows, fused multiply-adds in increasing j.
+template <int RT, int C, typename T>
+inline void value_pass(const float* const* p, int64_t n, const T* const* vp, int64_t d, float* const* o) {
+  V16 a[RT][C];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = kvt::zero16();
+  for (int64_t j = 0; j < n; ++j) {
+    V16 v[C];
+    for (int c = 0; c < C; ++c) v[c] = kvt::load16(vp[j] + d + 16 * c);
+    for (int r = 0; r < RT; ++r) {
+      const V16 pj = kvt::set16(p[r][j]);
+      for (int c = 0; c < C; ++c) a[r][c] = kvt::fma16(pj, v[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < C; ++c) kvt::store16(o[r] + d + 16 * c, a[r][c]);
+}
+
+// o_r = sum_{j < n} p_r[j] v_j (Dv numbers) for RT rows. Lanes are independent, so the width of a pass
+// never changes a number: the scalar tail runs the same fused multiply-adds.
+template <int RT, typename T>
+void values(const float* const* p, int64_t n, const T* const* vp, int64_t Dv, float* const* o) {
+  int64_t d = 0;
+  for (; d + 16 * kChunks <= Dv; d += 16 * kChunks) value_pass<RT, kChunks>(p, n, vp, d, o);
+  for (; d + 16 <= Dv; d += 16) value_pass<RT, 1>(p, n, vp, d, o);
+  for (; d < Dv; ++d)
+    for (int r = 0; r < RT; ++r) {
+      float a = 0.f;
+      for (int64_t j = 0; j < n; ++j) a = std::fma(p[r][j], kvt::to_f(vp[j][d]), a);
+      o[r][d] = a;
+    }
+}
+
+// Runs f(std::integral_constant<int, RT>, first row) over `rows` rows in passes of at most R rows.
+template <int R, class F>
+inline void in_passes(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) f(std::integral_constant<int, R>{}, r);
+  if constexpr (R > 1) {
+    if (r < rows) in_passes<R - 1>(rows - r, [&](auto rt, int64_t i) { f(rt, r + i); });
+  }
+}
+
+// One row's weights over a block from its scores s[0, BK) and allowed keys [c0, c1) (c0 < c1): max m,
+// p[j] = exp(s_j - m) inside [c0, c1) and exactly 0 elsewhere (scores outside become -inf; s is scratch),
+// and their sum l (8 lanes in increasing j, then tree8).
+inline void weights(float* s, int64_t c0, int64_t c1, float* p, float& m_out, float& l_out) {
+  V8 mv = kvt::set8(-INFINITY);
+  for (int64_t c = 0; c < BK; c += 8) {
+    const V8 v = kvt::outside8(kvt::load8(s + c), c, c0, c1, -INFINITY);
+    kvt::store8(s + c, v);
+    mv = kvt::max8(mv, v);
+  }
+  const float m = kvt::hmax8(mv);
+  const V8 neg = kvt::set8(-m);
+  V8 l = kvt::zero8();
+  for (int64_t c = 0; c < BK; c += 8) {
+    const V8 e = kvt::exp8(kvt::add8(kvt::load8(s + c), neg));
+    kvt::store8(p + c, e);
+    l = kvt::add8(l, e);
+  }
+  m_out = m;
+  l_out = kvt::tree8(l);
+}
+
+// One row's result over one block (o: Dv floats owned by the caller).
 struct Partial {
   float m, l;
   float* o;
 };
 
-// Scores s[0, n) of one row against a block, the row's allowed keys [c0, c1) (c0 < c1): m, l and o (D
-// floats: the value width). p (BK floats) is scratch.
+// Partials of `rows` rows over one block of n keys: row r has the pre-scaled query q[r], allowed keys
+// [c0[r], c1[r]) (c0 < c1 <= n) and writes part[r] (its o included). Keys past a row's c1 enter its
+// weighted sum with weight exactly 0, which leaves the sum's bits unchanged. s, p: rows x BK scratch.
 template <typename T>
-void partial(const float* s, int64_t n, int64_t c0, int64_t c1, const T* const* vp, int64_t D, float* p,
-             Partial& out) {
-  float m = s[c0];
-  for (int64_t j = c0 + 1; j < c1; ++j) m = std::max(m, s[j]);
-  const V8 neg = kvt::set8(-m);
-  for (int64_t c = 0; c < BK; c += 8) {
-    if (c < n) {
-      float v[8];
-      for (int i = 0; i < 8; ++i) v[i] = c + i < n ? s[c + i] : 0.f;
-      kvt::store8(p + c, kvt::exp8(kvt::add8(kvt::load8(v), neg)));
-    }
-    for (int64_t j = c; j < c + 8; ++j)
-      if (j < c0 || j >= c1) p[j] = 0.f;
+void block_partials(const float* const* q, int64_t rows, const int64_t* c0, const int64_t* c1, const T* const* kp,
+                    const T* const* vp, int64_t n, int64_t D, int64_t Dv, float* s, float* p, Partial* part) {
+  std::vector<float*> sr(rows), pr(rows), orow(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    sr[r] = s + r * BK;
+    pr[r] = p + r * BK;
+    orow[r] = part[r].o;
   }
-  V8 l = kvt::zero8();
-  for (int64_t c = 0; c < BK; c += 8) l = kvt::add8(l, kvt::load8(p + c));
-  out.m = m;
-  out.l = kvt::tree8(l);
-  float* o = out.o;
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {  // four vectors of the output per pass over the keys
-    V8 a0 = kvt::zero8(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < n; ++j) {
-      const V8 pj = kvt::set8(p[j]);
-      a0 = kvt::fma8(pj, kvt::load8(vp[j] + d), a0);
-      a1 = kvt::fma8(pj, kvt::load8(vp[j] + d + 8), a1);
-      a2 = kvt::fma8(pj, kvt::load8(vp[j] + d + 16), a2);
-      a3 = kvt::fma8(pj, kvt::load8(vp[j] + d + 24), a3);
-    }
-    kvt::store8(o + d, a0);
-    kvt::store8(o + d + 8, a1);
-    kvt::store8(o + d + 16, a2);
-    kvt::store8(o + d + 24, a3);
-  }
-  for (; d + 8 <= D; d += 8) {
-    V8 a = kvt::zero8();
-    for (int64_t j = 0; j < n; ++j) a = kvt::fma8(kvt::set8(p[j]), kvt::load8(vp[j] + d), a);
-    kvt::store8(o + d, a);
-  }
-  for (; d < D; ++d) {
-    float a = 0.f;
-    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], kvt::to_f(vp[j][d]), a);
-    o[d] = a;
-  }
+  in_passes<kScoreRows>(rows, [&](auto rt, int64_t r) {
+    constexpr int RT = decltype(rt)::value;
+    int64_t hi = 0;
+    for (int i = 0; i < RT; ++i) hi = std::max(hi, c1[r + i]);
+    score_pass<RT>(q + r, kp, hi, D, sr.data() + r);
+  });
+  for (int64_t r = 0; r < rows; ++r) weights(sr[r], c0[r], c1[r], pr[r], part[r].m, part[r].l);
+  in_passes<kValueRows>(rows, [&](auto rt, int64_t r) {
+    constexpr int RT = decltype(rt)::value;
+    int64_t hi = 0;
+    for (int i = 0; i < RT; ++i) hi = std::max(hi, c1[r + i]);
+    values<RT>(pr.data() + r, hi, vp, Dv, orow.data() + r);
+  });
 }
 
 // state <- state merged with the next block's partial b (state.m, l, o hold the blocks so far).
@@ -148,8 +213,12 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
   std::vector<float> part_m(items * G), part_l(items * G), part_o(items * G * Dv);
   std::vector<char> used(items, 0);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(G * D), s(BK), p(BK);
+    std::vector<float> qs(G * D), s(G * BK), p(G * BK);
     std::vector<const T*> kp(BK), vp(BK);
+    std::vector<const float*> qr(G);
+    std::vector<int64_t> lo_r(G), hi_r(G);
+    std::vector<Partial> pt(G);
+    for (int64_t g = 0; g < G; ++g) qr[g] = qs.data() + g * D;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (K * blocks), h = idx / blocks % K, c = idx % blocks, n = lens[b];
       const int64_t lo = window > 0 && n > window ? n - window : 0, kb = c * BK;
@@ -162,11 +231,15 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
       }
       for (int64_t i = 0; i < G * D; ++i) qs[i] = q[(b * H + h * G) * D + i] * scale;
       for (int64_t g = 0; g < G; ++g) {
-        scores(qs.data() + g * D, kp.data(), cnt, D, s.data());
-        Partial pt{0.f, 0.f, part_o.data() + (idx * G + g) * Dv};
-        partial(s.data(), cnt, c0, cnt, vp.data(), Dv, p.data(), pt);
-        part_m[idx * G + g] = pt.m;
-        part_l[idx * G + g] = pt.l;
+        lo_r[g] = c0;
+        hi_r[g] = cnt;
+        pt[g].o = part_o.data() + (idx * G + g) * Dv;
+      }
+      block_partials(qr.data(), G, lo_r.data(), hi_r.data(), kp.data(), vp.data(), cnt, D, Dv, s.data(), p.data(),
+                     pt.data());
+      for (int64_t g = 0; g < G; ++g) {
+        part_m[idx * G + g] = pt[g].m;
+        part_l[idx * G + g] = pt[g].l;
       }
     }
   });
@@ -197,10 +270,11 @@ struct Views {
 // One work item: KV head h, new tokens [t0, t1), each with its G query heads (rows r = (t - t0) * G + g).
 void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out) {
   const int64_t G = a.H / a.K, D = a.D, Dv = a.Dv, rows = (t1 - t0) * G, offset = a.L - a.n;
-  std::vector<float> qs(rows * D), o(rows * Dv), ob(Dv), s(BK), p(BK), m(rows), l(rows);
-  std::vector<int64_t> lo(rows), hi(rows);  // each row's allowed keys [lo, hi)
+  std::vector<float> qs(rows * D), o(rows * Dv), ob(rows * Dv), s(rows * BK), p(rows * BK), m(rows), l(rows);
+  std::vector<int64_t> lo(rows), hi(rows), c0(rows), c1(rows), active(rows);  // each row's allowed keys [lo, hi)
   std::vector<char> started(rows, 0);
-  std::vector<const float*> kp(BK), vp(BK);
+  std::vector<const float*> kp(BK), vp(BK), qr(rows);
+  std::vector<Partial> part(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / G, g = r % G, pos = offset + t;
     const float* src = a.q + t * a.qs_t + (h * G + g) * a.qs_h;
@@ -215,14 +289,23 @@ void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out)
       kp[j] = a.k + (kb + j) * a.ks_t + h * a.ks_h;
       vp[j] = a.v + (kb + j) * a.vs_t + h * a.vs_h;
     }
+    int64_t na = 0;  // the rows with an allowed key in this block
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t c0 = std::max<int64_t>(lo[r] - kb, 0), c1 = std::min<int64_t>(hi[r] - kb, n);
-      if (c0 >= c1) continue;  // no allowed key in this block
-      scores(qs.data() + r * D, kp.data(), c1, D, s.data());
-      Partial b{0.f, 0.f, ob.data()};
-      partial(s.data(), c1, c0, c1, vp.data(), Dv, p.data(), b);
+      const int64_t b0 = std::max<int64_t>(lo[r] - kb, 0), b1 = std::min<int64_t>(hi[r] - kb, n);
+      if (b0 >= b1) continue;
+      active[na] = r;
+      c0[na] = b0;
+      c1[na] = b1;
+      qr[na] = qs.data() + r * D;
+      part[na].o = ob.data() + na * Dv;
+      ++na;
+    }
+    block_partials(qr.data(), na, c0.data(), c1.data(), kp.data(), vp.data(), n, D, Dv, s.data(), p.data(),
+                   part.data());
+    for (int64_t i = 0; i < na; ++i) {
+      const int64_t r = active[i];
       Partial st{m[r], l[r], o.data() + r * Dv};
-      merge(st, b, Dv, !started[r]);
+      merge(st, part[i], Dv, !started[r]);
       started[r] = 1;
       m[r] = st.m;
       l[r] = st.l;

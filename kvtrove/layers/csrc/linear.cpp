@@ -120,7 +120,7 @@ inline void tile_n(int mt, const float* w, const float* x, int64_t steps, float*
 // y[m, n0 + r] = tree16(acc[m - m0][r]) (+ bias) for tokens [m0, m1), rows r < nr, after the K % 16 tail.
 template <int R, class W>
 void finish(const W& w, const float* x, int64_t m0, int64_t m1, int64_t K, int64_t n0, int64_t nr, float* y,
-            int64_t N, const float* bias, std::vector<float>& acc) {
+            int64_t N, const float* bias, kvt::Floats& acc) {
   const int64_t count = (m1 - m0) * R, K16 = K / 16 * 16;
   if (K16 < K)
     for (int64_t i = 0; i < count; ++i)
@@ -167,9 +167,13 @@ inline void tile1(const W& w, const int64_t* rows, const float* x, int64_t steps
 // activations [M, K] (for the K % 16 tail), xp: packed by pack_x; y [M, N] float32.
 template <int R, int MB, class W>
 void row_group(const W& w, const float* x, const float* xp, int64_t m0, int64_t m1, int64_t K, int64_t n0,
-               int64_t nr, float* y, int64_t N, const float* bias, std::vector<float>& scratch,
-               std::vector<float>& acc) {
-  const int64_t K16 = K / 16 * 16, slice = std::max<int64_t>(G, SCRATCH / R / G * G);
+               int64_t nr, float* y, int64_t N, const float* bias, kvt::Floats& scratch,
+               kvt::Floats& acc) {
+  // K in equal slices (multiples of 32) small enough that a slice of the row group and of a token tile
+  // stay in L1 together
+  const int64_t K16 = K / 16 * 16, most = std::max<int64_t>(G, SCRATCH / R / G * G);
+  const int64_t slices = std::max<int64_t>(1, (K16 + most - 1) / most);
+  const int64_t slice = ((K16 + slices - 1) / slices + G - 1) / G * G;
   acc.resize((m1 - m0) * R * 16);
   if (MB == 1 && m1 - m0 == 1) {  // decode
     int64_t rows[R];
@@ -197,20 +201,24 @@ void row_group(const W& w, const float* x, const float* xp, int64_t m0, int64_t 
   finish<R>(w, x, m0, m1, K, n0, nr, y, N, bias, acc);
 }
 
-// Tokens of x [M, K] (float32, contiguous) times the rows of w -> y [M, N] float32.
+// Tokens of x [M, K] (float32, contiguous) times the rows of w -> y [M, N] float32. Each thread owns a
+// contiguous range of row groups (equal shares) and runs it over every token block in turn, so its
+// block of activations stays in its L2 while its rows stream; blocks are of equal size (whole tiles).
 template <int R, int MB, class W>
 void run(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y, const float* bias) {
-  std::vector<float> xp(M * (K / 16 * 16));
+  kvt::Floats xp(M * (K / 16 * 16));
   pack_x(x, M, K, MB, xp.data());
-  const int64_t block = std::max<int64_t>(MB, std::min<int64_t>(256, XBLOCK / std::max<int64_t>(K, 1)) / MB * MB);
-  const int64_t groups = (N + R - 1) / R, blocks = (M + block - 1) / block;
-  at::parallel_for(0, groups * blocks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch, acc;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m0 = i / groups * block, n0 = i % groups * R;  // a token block stays in L2 for all rows
-      row_group<R, MB>(w, x, xp.data(), m0, std::min(M, m0 + block), K, n0, std::min<int64_t>(R, N - n0), y, N,
-                       bias, scratch, acc);
-    }
+  const int64_t most = std::max<int64_t>(MB, std::min<int64_t>(256, XBLOCK / std::max<int64_t>(K, 1)));
+  const int64_t blocks = (M + most - 1) / most, tiles = (M + MB - 1) / MB;
+  const int64_t block = (tiles + blocks - 1) / blocks * MB, groups = (N + R - 1) / R;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    kvt::Floats scratch, acc;
+    for (int64_t m0 = 0; m0 < M; m0 += block)
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t n0 = g * R;
+        row_group<R, MB>(w, x, xp.data(), m0, std::min(M, m0 + block), K, n0, std::min<int64_t>(R, N - n0), y, N,
+                         bias, scratch, acc);
+      }
   });
 }
 
@@ -326,7 +334,7 @@ torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::ve
   constexpr int R = kDecodeRows;
   const int64_t groups = (N + R - 1) / R;
   at::parallel_for(0, E * groups, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch, acc;
+    kvt::Floats scratch, acc;
     for (int64_t i = i0; i < i1; ++i) {  // one token: its activations are already in packed order
       const int64_t e = i / groups, n0 = i % groups * R, nr = std::min<int64_t>(R, N - n0);
       const float* xe = xp + e * K;

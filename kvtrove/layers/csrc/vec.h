@@ -13,9 +13,12 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(KVT_SCALAR)
 #include <immintrin.h>
@@ -46,6 +49,14 @@ inline V8 fma8(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  /
 inline V8 add8(V8 a, V8 b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline V8 mul8(V8 a, V8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline V8 div8(V8 a, V8 b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline V8 max8(V8 a, V8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+// Lanes whose index base + i lies outside [lo, hi) set to fill.
+inline V8 outside8(V8 a, int64_t base, int64_t lo, int64_t hi, float fill) {
+  const __m256i i = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(base)));
+  const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), i));
+  return {_mm256_blendv_ps(_mm256_set1_ps(fill), a.v, _mm256_castsi256_ps(in))};
+}
 // q * s (+ m): eight int8 weights, or eight 4-bit ones (the low nibbles of 8 bytes, or the high ones)
 inline V8 int8x8(const int8_t* q) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))))};
@@ -113,6 +124,15 @@ inline V8 div8(V8 a, V8 b) {
   for (int i = 0; i < 8; ++i) a.v[i] /= b.v[i];
   return a;
 }
+inline V8 max8(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] = std::max(a.v[i], b.v[i]);
+  return a;
+}
+inline V8 outside8(V8 a, int64_t base, int64_t lo, int64_t hi, float fill) {
+  for (int i = 0; i < 8; ++i)
+    if (base + i < lo || base + i >= hi) a.v[i] = fill;
+  return a;
+}
 inline V8 int8x8(const int8_t* q) {
   V8 r;
   for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(q[i]);
@@ -125,6 +145,15 @@ inline V8 nibbles8(const uint8_t* q, bool high) {
 }
 inline float tree8(V8 a) { return tree8(a.v); }
 #endif
+
+// The largest lane (exact: any order gives the same value).
+inline float hmax8(V8 a) {
+  float t[8];
+  store8(t, a);
+  float m = t[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, t[i]);
+  return m;
+}
 
 // A hint to fetch the cache line holding p (no effect on any result; a no-op without SIMD).
 inline void prefetch(const void* p) {
@@ -250,5 +279,20 @@ inline float dot(const T* a, const float* b, int64_t n) {
   for (; i < n; ++i) lanes[i % 8] = std::fma(to_f(a[i]), b[i], lanes[i % 8]);
   return tree8(lanes);
 }
+
+// Scratch buffers on cache-line boundaries: a 64-byte load that straddles two lines costs two L1 accesses,
+// which halves a kernel's speed when its operands stream from L2 (malloc aligns to 16 bytes only).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+using Floats = std::vector<float, Aligned64<float>>;
 
 }  // namespace kvt
