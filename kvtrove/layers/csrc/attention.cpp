@@ -38,17 +38,26 @@ constexpr int64_t BQ = 64;  // prefill: tokens per work item
 // kChunks x 16 lanes; both read each key / value row once for all their rows. The numbers of a row never
 // depend on which rows share its pass.
 #ifdef KVT_AVX512
-constexpr int kScoreRows = 3, kValueRows = 4, kChunks = 4;  // 32 ymm / zmm registers
+constexpr int kScoreRows = 6, kValueRows = 4, kChunks = 4;  // 32 zmm registers
 #elif defined(KVT_AVX2)
 constexpr int kScoreRows = 1, kValueRows = 2, kChunks = 2;
 #else
 constexpr int kScoreRows = 1, kValueRows = 1, kChunks = 1;
 #endif
 
-// s_r[j] = q_r . k_j for keys j < n and RT rows (kvt::dot's order); eight keys at a time when D % 8 == 0.
+// s_r[j] = q_r . k_j for keys j < n and RT rows (kvt::dot's order: lane i sums d = i mod 8 with fused
+// multiply-adds in increasing d, then tree8); eight keys at a time when D % 8 == 0.
+#ifdef KVT_AVX2
+// The eight keys' lanes -> their scores: lane c of the result is tree8 of a[c]'s lanes.
+inline __m256 tree8x8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
 template <int RT, typename T>
-void score_pass(const float* const* q, const T* const* kp, int64_t n, int64_t D, float* const* s) {
-  int64_t j = 0;
+void score_pass8(const float* const* q, const T* const* kp, int64_t j, int64_t n, int64_t D, float* const* s) {
 #ifdef KVT_AVX2
   if (D % 8 == 0) {
     for (; j + 8 <= n; j += 8) {
@@ -63,18 +72,60 @@ void score_pass(const float* const* q, const T* const* kp, int64_t n, int64_t D,
           for (int r = 0; r < RT; ++r) a[r][c] = _mm256_fmadd_ps(kv, qv[r], a[r][c]);
         }
       }
-      // lane c: ((a_c0 + a_c1) + (a_c2 + a_c3)) + ((a_c4 + a_c5) + (a_c6 + a_c7)), which is tree8
-      for (int r = 0; r < RT; ++r) {
-        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r][2], a[r][3]));
-        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[r][4], a[r][5]), _mm256_hadd_ps(a[r][6], a[r][7]));
-        _mm256_storeu_ps(s[r] + j,
-                         _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-      }
+      for (int r = 0; r < RT; ++r) _mm256_storeu_ps(s[r] + j, tree8x8(a[r]));
     }
   }
 #endif
   for (; j < n; ++j)
     for (int r = 0; r < RT; ++r) s[r][j] = kvt::dot(kp[j], q[r], D);
+}
+
+#ifdef KVT_AVX512
+// Rows in pairs, one zmm per pair and key: lanes 0-7 are the 8-lane pass of the pair's first row, lanes
+// 8-15 of its second (the key's 8 numbers in both halves): the same operations at twice the width.
+template <int P, typename T>
+void score_pairs(const float* const* q, const T* const* kp, int64_t n, int64_t D, float* const* s) {
+  int64_t j = 0;
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) {
+      __m512 a[P][8];
+      for (int p = 0; p < P; ++p)
+        for (int c = 0; c < 8; ++c) a[p][c] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        __m512 qv[P];
+        for (int p = 0; p < P; ++p)
+          qv[p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q[2 * p] + d)), _mm256_loadu_ps(q[2 * p + 1] + d), 1);
+        for (int c = 0; c < 8; ++c) {
+          const __m512 kv = _mm512_broadcast_f32x8(kvt::load8(kp[j + c] + d).v);
+          for (int p = 0; p < P; ++p) a[p][c] = _mm512_fmadd_ps(kv, qv[p], a[p][c]);
+        }
+      }
+      for (int p = 0; p < P; ++p) {
+        __m256 lo[8], hi[8];
+        for (int c = 0; c < 8; ++c) {
+          lo[c] = _mm512_castps512_ps256(a[p][c]);
+          hi[c] = _mm512_extractf32x8_ps(a[p][c], 1);
+        }
+        _mm256_storeu_ps(s[2 * p] + j, tree8x8(lo));
+        _mm256_storeu_ps(s[2 * p + 1] + j, tree8x8(hi));
+      }
+    }
+  }
+  for (; j < n; ++j)
+    for (int r = 0; r < 2 * P; ++r) s[r][j] = kvt::dot(kp[j], q[r], D);
+}
+#endif
+
+template <int RT, typename T>
+void score_pass(const float* const* q, const T* const* kp, int64_t n, int64_t D, float* const* s) {
+#ifdef KVT_AVX512
+  if constexpr (RT > 1) {
+    score_pairs<RT / 2>(q, kp, n, D, s);
+    if constexpr (RT % 2 == 1) score_pass8<1>(q + RT - 1, kp, 0, n, D, s + RT - 1);
+    return;
+  }
+#endif
+  score_pass8<RT>(q, kp, 0, n, D, s);
 }
 
 // o_r[d, d + 16C) = sum_{j < n} p_r[j] v_j[d ..] for RT rows, fused multiply-adds in increasing j.
