@@ -1,6 +1,6 @@
-"""Float prefill speed of this checkout against an earlier one, same run: TTFT of fresh 512- and 2,048-token
-prompts with `quantize=none` in float32 and bfloat16, each checkout in its own process, interleaved rounds,
-best per figure. Run: `git worktree add /tmp/base <commit>` then
+"""Float speed of this checkout against an earlier one, same run: TTFT of fresh 512- and 2,048-token
+prompts with `quantize=none` in float32 and bfloat16, and decode tok/s (64 tokens after a 512-token
+prompt), each checkout in its own process, interleaved rounds, best per figure. Run: `git worktree add /tmp/base <commit>` then
 `python -m bench.prefill_ab --baseline /tmp/base`; writes bench/results/prefill_ab.json.
 """
 
@@ -16,7 +16,7 @@ from bench.core import hardware
 from bench.results import save
 
 PROBE = """
-import json, sys, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from kvtrove import LLM, SamplingParams
 g = torch.Generator().manual_seed(7)
@@ -32,6 +32,13 @@ for dtype in ("float32", "bfloat16"):
             llm.engine.pool.reset_cache()
             best = min(best, llm.generate({"prompt_token_ids": ids}, p)[0].ttft_s)
         out[f"{dtype} {n}"] = n / best
+    d = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    best = 1e9
+    for _ in range(3):
+        start = time.perf_counter()
+        o = llm.generate({"prompt_token_ids": ids[:512]}, d)[0]
+        best = min(best, (time.perf_counter() - start - o.ttft_s) / (len(o.token_ids) - 1))
+    out[f"{dtype} decode"] = 1 / best
 print(json.dumps(out))
 """
 
@@ -53,7 +60,7 @@ def main() -> None:
         for name, path in (("baseline", args.baseline), ("this", here)):
             for k, v in probe(path).items():
                 best[name][k] = max(best[name].get(k, 0.0), v)
-    print("prefill tok/s (fresh prompt, best of rounds) | baseline | this | ratio")
+    print("tok/s (prefill: fresh prompt; decode: 64 tokens; best of rounds) | baseline | this | ratio")
     for k in best["this"]:
         b, t = best["baseline"][k], best["this"][k]
         print(f"  {k:<16} {b:8.0f} {t:8.0f} {t / b:6.2f}x")

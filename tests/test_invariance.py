@@ -175,8 +175,8 @@ import json, sys, torch
 from kvtrove import LLM
 from tests.test_invariance import PARAMS, make_prompts, LogitsTap
 out = {}
-for name, path, quantize, vocab in json.loads(sys.argv[1]):
-    llm = LLM(model=path, quantize=quantize, block_size=16, kv_host_gb=0, kv_disk_gb=0, num_blocks=256)
+for name, path, quantize, vocab, dtype in json.loads(sys.argv[1]):
+    llm = LLM(model=path, quantize=quantize, dtype=dtype, block_size=16, kv_host_gb=0, kv_disk_gb=0, num_blocks=256)
     assert llm.engine.runner.fused_decode is not None
     tap = LogitsTap(llm)
     prompts = make_prompts(vocab, [40, 97], seed=5)
@@ -197,8 +197,14 @@ def _logits_with_isa(isa: str, models: list, out) -> dict[str, list[torch.Tensor
 
 @pytest.fixture(scope="module")
 def isa_models(smollm_path, tiny_model):
-    """The default model (int4 + int8) and a tiny float one."""
-    return [["default", smollm_path, "auto", 49152], ["llama", str(tiny_model("llama")), "none", 1000]]
+    """The default model (int4 + int8) and a tiny float one in float32 and in bfloat16 (where AVX-512 BF16's
+    pair instruction meets its emulation)."""
+    tiny = str(tiny_model("llama"))
+    return [
+        ["default", smollm_path, "auto", 49152, "float32"],
+        ["llama", tiny, "none", 1000, "float32"],
+        ["llama-bf16", tiny, "none", 1000, "bfloat16"],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +219,7 @@ def test_same_bits_with_every_instruction_set(isa, isa_models, native_logits, tm
     ATen capped likewise, give the same logits as this machine's native build: KV and answers carry over
     between engines on different CPUs."""
     other = _logits_with_isa(isa, isa_models, tmp_path / f"{isa}.pt")
-    for name, _, _, _ in isa_models:
+    for name, *_ in isa_models:
         assert_same(other[name], native_logits[name], f"{name}: {isa} build vs native")
 
 

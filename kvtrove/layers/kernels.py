@@ -33,7 +33,8 @@ _SOURCES = [
     for name in (
         "bindings.cpp",
         "attention.cpp",
-        "linear.cpp",
+        "float_linear.cpp",
+        "quant_linear.cpp",
         "fused.cpp",
         "decode_stack.cpp",
         "expert_bank.cpp",

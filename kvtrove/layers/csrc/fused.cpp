@@ -84,9 +84,8 @@ void silu_mul_kernel(const T* gu, T* out, int64_t rows, int64_t I) {
       for (; i + 8 <= I; i += 8) {  // exp8 and exp1 give the same bits: the tail may take either
         const kvt::V8 gv = kvt::load8(g + i);
         const kvt::V8 e = kvt::exp8(kvt::mul8(gv, kvt::set8(-1.f)));
-        float sv[8];
-        kvt::store8(sv, kvt::div8(gv, kvt::add8(kvt::set8(1.f), e)));
-        for (int j = 0; j < 8; ++j) o[i + j] = static_cast<T>(round_to<T>(sv[j]) * to_f(u[i + j]));
+        const kvt::V8 s = kvt::round8<T>(kvt::div8(gv, kvt::add8(kvt::set8(1.f), e)));
+        kvt::store8(o + i, kvt::mul8(s, kvt::load8(u + i)));
       }
       for (; i < I; ++i) {
         const float gv = to_f(g[i]);

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(KVT_SCALAR)
@@ -145,6 +146,34 @@ inline V8 nibbles8(const uint8_t* q, bool high) {
 }
 inline float tree8(V8 a) { return tree8(a.v); }
 #endif
+
+// float32 -> bfloat16 eight at a time: round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's conversion;
+// torch's own vector conversion may use an instruction that flushes denormals, so it is not used).
+#ifdef KVT_AVX2
+inline void store8(c10::BFloat16* p, V8 a) {
+  const __m256i u = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#else
+inline void store8(c10::BFloat16* p, V8 a) {
+  for (int i = 0; i < 8; ++i) p[i] = c10::BFloat16(a.v[i]);
+}
+#endif
+
+// The values as T stores them, back in float32 (bfloat16: rounded as store8 rounds).
+template <typename T>
+inline V8 round8(V8 a) {
+  if constexpr (std::is_same_v<T, float>) {
+    return a;
+  } else {
+    T t[8];
+    store8(t, a);
+    return load8(t);
+  }
+}
 
 // The largest lane (exact: any order gives the same value).
 inline float hmax8(V8 a) {

@@ -1,11 +1,11 @@
-// y = x W^T (+ b) for every step, one token or thousands, in one arithmetic: each output is the fixed-order
-// dot product of vec.h's V16 (lane l sums k = l mod 16 with fused multiply-adds in increasing k, then
-// tree16) of the token's float32 activations with the weight row's float32 values, plus the bias. So a token's outputs are the
-// same bits whether it is decoded alone, batched with others, or computed in a prefill chunk of any size,
-// on any number of threads, with AVX-512, AVX2 or no SIMD at all.
+// y = x W^T for quantized weights, every step, one token or thousands, in one arithmetic: each output is
+// the fixed-order dot product of vec.h's V16 (lane l sums k = l mod 16 with fused multiply-adds in
+// increasing k, then tree16) of the token's float32 activations with the weight row expanded to float32,
+// exactly as stored. So a token's outputs are the same bits whether it is decoded alone, batched with
+// others, or computed in a prefill chunk of any size, on any number of threads, with AVX-512, AVX2 or no
+// SIMD at all. (Float weights: float_linear.cpp.)
 //
-// Weight formats, each expanded to float32 exactly as stored:
-// - float32 / bfloat16 [N, K] (bf16 widened, which is exact);
+// Weight formats:
 // - int8 [N, K] with a float32 scale per 32 along K: w = q * scale (GGUF Q8_0's blocks as they are);
 // - int4 [N, K/2] uint8 with a float32 scale and min per 32: w = q * scale + min rounded once (a fused
 //   multiply-add; for GGUF's Q4_0 / Q4_1 / Q4_K blocks q * scale is exact, so this is the gguf package's
@@ -14,8 +14,8 @@
 // Work: rows in groups of R, tokens in blocks that stay in L2; a row group's weights are expanded to
 // float32 (interleaved per 16 along K) into a small buffer per slice of K and reused by every token of
 // the block, and the tokens are interleaved likewise once per call, so the micro-kernel reads two
-// sequential streams: prefill runs at arithmetic speed and decode at the weights' read speed. Items (row group, token
-// block) are independent; which thread runs one never changes its numbers.
+// sequential streams: prefill runs at arithmetic speed and decode at the weights' read speed. Items (row
+// group, token block) are independent; which thread runs one never changes its numbers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -38,16 +38,6 @@ constexpr int64_t XBLOCK = 524288 / 4;  // floats of activations per token block
 // (k a multiple of 16 * kChunks), `at(n, k)` one weight of the K % 16 tail, the same value (int4 has no
 // tail: K is a multiple of 32); `at_bytes(n, k)` where w[n, k] is stored, to prefetch (rows stream from
 // DRAM at ~11 GB/s without it, ~20-25 with it).
-template <typename T>
-struct FloatW {  // float32 or bfloat16 rows
-  const T* w;
-  int64_t K;
-  static constexpr int kChunks = 1;
-  void load(int64_t n, int64_t k, V16* out) const { out[0] = kvt::load16(w + n * K + k); }
-  const void* at_bytes(int64_t n, int64_t k) const { return w + n * K + k; }
-  float at(int64_t n, int64_t k) const { return kvt::to_f(w[n * K + k]); }
-};
-
 struct Int8W {
   const int8_t* q;
   const float* scales;
@@ -275,23 +265,6 @@ torch::Tensor apply(const W& w, const torch::Tensor& x, int64_t N, const float* 
 }
 
 }  // namespace
-
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-              "linear: contiguous float32/bfloat16 weight [N, K] expected");
-  check_x(x, w.size(1), "linear");
-  const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(!bias || bias->numel() == N, "linear: bias [N] expected");
-  const auto b = bias ? as_float(*bias) : torch::Tensor();
-  const float* bp = bias ? b.data_ptr<float>() : nullptr;
-  torch::Tensor y;
-  if (w.scalar_type() == at::kFloat) {
-    y = apply(FloatW<float>{w.data_ptr<float>(), K}, x, N, bp);
-  } else {
-    y = apply(FloatW<c10::BFloat16>{w.data_ptr<c10::BFloat16>(), K}, x, N, bp);
-  }
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
-}
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales) {
   const auto w = int8_weight(qw, scales, "q8_linear");
