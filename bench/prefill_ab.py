@@ -64,7 +64,7 @@ def main() -> None:
     for k in best["this"]:
         b, t = best["baseline"][k], best["this"][k]
         print(f"  {k:<16} {b:8.0f} {t:8.0f} {t / b:6.2f}x")
-    save("prefill_ab", {"hardware": hardware(), "baseline": str(args.baseline), "prefill_tok_s": best})
+    save("prefill_ab", {"hardware": hardware(), "baseline": str(args.baseline), "tok_s": best})
 
 
 if __name__ == "__main__":
