@@ -1,9 +1,10 @@
 """Our C++ CPU kernels, compiled on first use with torch's JIT extension builder (cached per machine).
 
 What PyTorch lacks (measured), or computes in an order that depends on the batch shape: linear layers
-(float32, bf16, int8, int4) with one fixed summation order for any number of tokens, streaming decode
-weights at the machine's read bandwidth (torch's CPU GEMV paths reach about half of it; its int4 kernel is
-compute-bound on AVX2, its int8 one rounds activations and outputs to bf16); attention over the paged KV
+(float32, bf16, int8, int4) with one fixed summation order for any number of tokens, float ones at GEMM
+speed in prefill and quantized ones streaming decode weights at the machine's read bandwidth (torch's
+CPU GEMV paths reach about half of it; its int4 kernel is compute-bound on AVX2, its int8 one rounds
+activations and outputs to bf16); attention over the paged KV
 cache for decode and prefill with the same key blocks and merge order; the elementwise chains between
 matmuls fused into one pass each (norm + residual, RoPE + KV write, SiLU * up, sigmoid), which at decode
 time cost as much as the matmuls when run as ~30 small ops; and a whole decode step of a Llama-family
