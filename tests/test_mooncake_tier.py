@@ -174,7 +174,7 @@ def test_tier_round_trip_namespacing_and_no_overwrite(pool):
 HOLDER = """
 import sys
 from kvtrove.kv.tiers.remote import open_remote
-tier = open_remote(sys.argv[1], "kvtrove", bytes.fromhex(sys.argv[2]), 5.0, 1.0)
+tier = open_remote(sys.argv[1], "kvtrove", bytes.fromhex(sys.argv[2]), 30.0, 1.0)  # generous: a loaded box
 keys = [bytes([i]) * 16 for i in range(8)]
 tier.put([(k, k * 4096, 0.0) for k in keys])
 assert tier.stats().errors == 0, tier.stats()
@@ -184,17 +184,20 @@ sys.stdin.readline()
 
 
 @needs_mooncake
-def test_values_live_in_a_members_segment_and_go_with_it(pool):
+def test_values_live_in_a_members_segment_and_go_with_it(pool, tmp_path):
+    log = (tmp_path / "holder.err").open("w+")
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, pool.url(segment_mb=32), FP.hex()],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         text=True,
         cwd=Path(__file__).parent.parent,
     )
     try:
-        assert holder.stdout.readline().strip() == "ready"
+        if holder.stdout.readline().strip() != "ready":
+            log.seek(0)
+            pytest.fail(f"the holder process did not get ready:\n{log.read()[-3000:]}")
         reader = open_remote(pool.url(segment_mb=0), "kvtrove", FP, timeout_s=5.0, cooldown_s=60.0)
         keys = [bytes([i]) * 16 for i in range(8)]
         assert reader.get(keys) == [k * 4096 for k in keys]  # over TCP from the holder's segment
@@ -207,6 +210,7 @@ def test_values_live_in_a_members_segment_and_go_with_it(pool):
         reader.close()
     finally:
         holder.kill()
+        log.close()
 
 
 @needs_mooncake
