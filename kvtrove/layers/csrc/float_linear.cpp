@@ -13,7 +13,9 @@
 // Work (the classic GEMM layout): lanes run over 16 weight rows (a panel), each holding one output's
 // chain. A group of panels and a slice of K is transposed into a small buffer that stays in L1 while
 // every token of a block (that stays in L2) runs over it: per k, one load per panel and one broadcast per
-// token feed tokens x panels independent multiply-adds. Threads own equal shares of the groups.
+// token feed tokens x panels independent multiply-adds. One or two tokens (decode) on AVX-512 skip the
+// buffer: each 16 x 16 block is transposed in registers and used at once, four panels in flight. Threads
+// own equal shares of the groups.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
