@@ -41,7 +41,7 @@ def expert_bytes(moe: SparseMoE) -> int:
     e = moe.experts
     if isinstance(e, QuantizedExperts):
         return sum(t.nbytes for m in (e.w13[0], e.w2[0]) for t in m.buffers())
-    return e.w13[0].nbytes + e.w2[0].nbytes
+    return e.packed[0][0].nbytes + e.packed[1][0].nbytes  # float: packed for the linear kernel
 
 
 @torch.inference_mode()

@@ -42,12 +42,13 @@ def api_key_from_env() -> str | None:
     return os.environ.get("KVTROVE_API_KEY") or None
 
 
-KERNEL_ISAS = ("native", "avx2", "scalar")
+KERNEL_ISAS = ("native", "avx512", "avx2", "scalar")
 
 
 def kernel_isa() -> str:
     """How kvtrove's C++ kernels are built: $KVTROVE_KERNEL_ISA, `native` (the widest SIMD this CPU has;
-    default), `avx2` (no AVX-512) or `scalar` (no SIMD): the same numbers on each, at different speeds."""
+    default), `avx512` (AVX-512 without its BF16 instructions, as on Skylake / Ice Lake), `avx2` (no AVX-512)
+    or `scalar` (no SIMD): the same numbers on each, at different speeds."""
     isa = os.environ.get("KVTROVE_KERNEL_ISA") or "native"
     if isa not in KERNEL_ISAS:
         raise ValueError(f"KVTROVE_KERNEL_ISA must be one of {KERNEL_ISAS}, got {isa!r}")

@@ -12,7 +12,7 @@ from kvtrove import LLM, SamplingParams
 from kvtrove.layers.activation import SiluAndMul
 from kvtrove.layers.attention import AttentionMetadata, PagedAttention
 from kvtrove.layers.kernels import cpu_kernels
-from kvtrove.layers.linear import CpuLinear
+from kvtrove.layers.linear import CpuLinear, pack_weight, unpack_weight
 from kvtrove.layers.norm import RMSNorm
 from kvtrove.layers.rotary import RotaryEmbedding
 
@@ -80,7 +80,7 @@ def test_linear_matches_torch(dtype, tokens, out_features, in_features, bias):
     b = torch.randn(out_features, generator=g).to(dtype) if bias else None
     x = torch.randn(tokens, in_features, generator=g).to(dtype)
     ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    direct = kernel.linear(x, w, b)
+    direct = kernel.linear(x, pack_weight(w), out_features, b)
     layer = CpuLinear(w, b, kernel)(x)  # kernel or GEMM, by token count
     assert direct.dtype == layer.dtype == dtype and direct.shape == layer.shape == ref.shape
     # float32: summation order only; bfloat16: one rounding of the output
@@ -91,8 +91,21 @@ def test_linear_matches_torch(dtype, tokens, out_features, in_features, bias):
 
 def test_linear_rejects_bad_shapes():
     kernel = cpu_kernels()
-    with pytest.raises(RuntimeError, match="x \\[M, 9\\] expected"):
-        kernel.linear(torch.randn(2, 8), torch.randn(4, 9), None)
+    with pytest.raises(RuntimeError, match="packed for \\[4, 8\\] expected"):
+        kernel.linear(torch.randn(2, 8), pack_weight(torch.randn(4, 9)), 4, None)
+    with pytest.raises(RuntimeError, match="packed for \\[20, 9\\] expected"):  # 20 rows need two panels
+        kernel.linear(torch.randn(2, 9), pack_weight(torch.randn(4, 9)), 20, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (16, 8), (17, 9), (3, 4, 33, 7)])
+def test_packed_weights_unpack_to_themselves(dtype, shape):
+    w = torch.randn(*shape).to(dtype)
+    packed = pack_weight(w)
+    assert packed.shape[-1] == (16 if dtype == torch.float32 else 32)
+    assert torch.equal(unpack_weight(packed, *shape[-2:]), w)
+    if w.dim() == 2:
+        assert torch.equal(CpuLinear(w, None, cpu_kernels()).weight, w)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:

@@ -25,6 +25,7 @@ from kvtrove.kv.tiers.disk import DiskTier
 from kvtrove.kv.tiers.host import HostTier
 from kvtrove.kv.tiers.remote import open_remote
 from kvtrove.layers.kernels import cpu_kernels
+from kvtrove.layers.linear import use_cpu_kernels
 from kvtrove.loader import load_checkpoint
 from kvtrove.models.registry import build_model
 from kvtrove.outputs import CompletionOutput, RequestOutput
@@ -95,13 +96,14 @@ class Engine:
             )
         self.max_model_len = config.model.max_model_len or context
         kernels = cpu_kernels() if config.model.cpu_kernels else None
-        self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype, kernels)
+        self.model = build_model(ckpt.hf_config, ckpt.weights, self.max_model_len, dtype)
         cost = recompute_cost(self.model)  # FLOPs: the same quantized or not
         mc = config.model
         rules = load_rules(mc.placement) if mc.placement else None
         stored = placement.stored_quantized(self.model, ckpt.quantized)
         self.placement = placement.plan(self.model, rules, mc.quantize, mc.quantize_group_size, stored)
         placement.apply(self.model, self.placement, mc.quantize_group_size, kernels, stored)
+        use_cpu_kernels(self.model, kernels)  # the float weights packed for the kernels: their final form
         quantized = placement.fingerprint(self.placement, mc.quantize_group_size)
         if quantized:  # other weights, other KV: never share stored KV with the float model
             self.fingerprint = xxhash.xxh3_128_digest(self.fingerprint + b"|quantized|" + quantized)

@@ -131,11 +131,11 @@ def _runs_kernels(norm: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _linear(m: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(the kernel's tensors, bias) of a linear layer that runs a kernel, else None (the quantized kernels
-    return float32, which a bf16 model's modules round)."""
-    if type(m) is CpuLinear and m.kernels is not None and m.weight.dtype == dtype:
-        return [m.weight], m.bias
+    """(the kernel's tensors, bias, outputs) of a linear layer that runs a kernel, else None (the quantized
+    kernels return float32, which a bf16 model's modules round)."""
+    if type(m) is CpuLinear and m.kernels is not None and m.dtype == dtype:
+        return [m.packed], m.bias, m.out_features
     quantized = type(m) in (Int8Linear, Int4Linear) and m.kernels is not None
     if quantized and dtype == torch.float32:
-        return kernel_parts(m), m.bias
+        return kernel_parts(m), m.bias, m.out_features
     return None

@@ -48,8 +48,8 @@ _HEADERS = [_CSRC / "vec.h", _CSRC / "ops.h", _CSRC / "expert_bank.h"]
 def cpu_kernels():
     """The compiled module (functions listed in csrc/bindings.cpp), or None when it cannot be built.
 
-    `KVTROVE_KERNEL_ISA=avx2` / `scalar` builds them without AVX-512 / without SIMD (the paths of older
-    machines): the same bits, slower; the tests use them to check that every path agrees."""
+    `KVTROVE_KERNEL_ISA=avx512` / `avx2` / `scalar` builds them without AVX-512 BF16 / without AVX-512 /
+    without SIMD (the paths of older machines): the same bits, slower; the tests use them to check that every path agrees."""
     isa = kernel_isa()
     try:
         import torch
@@ -74,7 +74,7 @@ def cpu_kernels():
             # OpenMP: at::parallel_for runs on torch's thread pool only when the extension is built with it.
             # No -ffast-math and no automatic FMA contraction: every operation rounds as written (vec.h)
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-            + {"native": [], "avx2": ["-DKVT_NO_AVX512"], "scalar": ["-DKVT_SCALAR"]}[isa],
+            + {"native": [], "avx512": ["-mno-avx512bf16"], "avx2": ["-DKVT_NO_AVX512"], "scalar": ["-DKVT_SCALAR"]}[isa],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvtrove.layers.attention import AttentionMetadata
+from kvtrove.layers.linear import pack_weight
 from kvtrove.layers.mla import LatentAttention
 from kvtrove.layers.norm import RMSNorm
 from kvtrove.layers.rotary import apply_rotary
@@ -69,8 +70,15 @@ class DeepseekAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, E, bias=bias)
         self.interleaved = cfg.model_type == "deepseek_v2" or bool(getattr(cfg, "rope_interleave", False))
         self.attn = LatentAttention(H, self.latent_dim, self.rope_dim, softmax_scale(cfg))
-        self._w_uk = None
-        """W_UK per head as [H, R, N] rows for the linear kernel, made on first use (after loading)."""
+        self.absorbed = None
+        """(W_UK as [H, R, N], W_UV as [H, V, R]) per head, packed for the linear kernel (`pack_for_kernels`)."""
+
+    kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
+
+    def pack_for_kernels(self) -> None:
+        H, N = self.num_heads, self.nope_dim
+        w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.latent_dim)
+        self.absorbed = pack_weight(w[:, :N].transpose(1, 2)), pack_weight(w[:, N:])
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         T, H, N, P, R = x.shape[0], self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
@@ -83,18 +91,17 @@ class DeepseekAttention(nn.Module):
             q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
         cos, sin = cos_sin
         q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
-        w = self.kv_b_proj.weight.view(H, N + self.v_dim, R)
-        k = self.attn.kernels
+        k = self.kernels
         if k is None:
+            w = self.kv_b_proj.weight.view(H, N + self.v_dim, R)
             q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :N]).transpose(0, 1)  # [T, H, R]: W_UK absorbed
             out = self.attn(torch.cat([q_latent, q_rope], -1), torch.cat([latent, k_rope[:, 0]], -1), meta)
             out = torch.bmm(out.transpose(0, 1), w[:, N:].transpose(1, 2)).transpose(0, 1)  # [T, H, V]: W_UV
         else:  # per head through the linear kernel: a token's numbers do not depend on the step's other tokens
-            if self._w_uk is None:
-                self._w_uk = w[:, :N].transpose(1, 2).contiguous()  # [H, R, N]
-            q_latent = torch.stack([k.linear(q_nope[:, h].contiguous(), self._w_uk[h], None) for h in range(H)], 1)
+            uk, uv = self.absorbed
+            q_latent = torch.stack([k.linear(q_nope[:, h].contiguous(), uk[h], R, None) for h in range(H)], 1)
             out = self.attn(torch.cat([q_latent, q_rope], -1), torch.cat([latent, k_rope[:, 0]], -1), meta)
-            out = torch.stack([k.linear(out[:, h].contiguous(), w[h, N:], None) for h in range(H)], 1)
+            out = torch.stack([k.linear(out[:, h].contiguous(), uv[h], self.v_dim, None) for h in range(H)], 1)
         return self.o_proj(out.reshape(T, H * self.v_dim))
 
 
@@ -119,6 +126,11 @@ class DeepseekRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size), requires_grad=False)
         if self.v3:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(self.num_experts), requires_grad=False)
+        self.packed = None
+        """The weights in float32, packed for the linear kernel (`pack_for_kernels`)."""
+
+    def pack_for_kernels(self) -> None:
+        self.packed = pack_weight(self.weight.float())
 
     def _keep_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
         """`scores` with every expert outside each token's `topk_group` best groups set to `fill`."""
@@ -130,9 +142,7 @@ class DeepseekRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, E] -> weights [T, k] (float32) and chosen experts [T, k]."""
         k = self.kernels
-        logits = (
-            F.linear(x.float(), self.weight.float()) if k is None else k.linear(x.float(), self.weight.float(), None)
-        )
+        logits = F.linear(x.float(), self.weight.float()) if k is None else k.linear(x.float(), self.packed, self.num_experts, None)
         T, G = logits.shape[0], self.num_groups
         if self.v3:
             scores = logits.sigmoid() if k is None else k.sigmoid(logits)

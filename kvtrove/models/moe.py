@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtrove.layers.linear import pack_weight
 from kvtrove.models.llama import LlamaForCausalLM, LlamaMLP
 
 # checkpoint leaf name -> (stacked parameter, row block): gate and up share w13, down is w2
@@ -35,7 +36,9 @@ class Experts(nn.Module):
         self.top_k = top_k
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
-        self.inter = inter
+        self.inter, self.hidden = inter, hidden
+        self.packed = None
+        """(w13, w2) in the linear kernel's layout, once `pack_for_kernels` ran (the float stacks are then gone)."""
         self.leaves = leaves
         """The checkpoint's names for gate, up and down."""
 
@@ -54,15 +57,20 @@ class Experts(nn.Module):
 
     kernels = None  # kvtrove's C++ CPU kernels, bound by `use_cpu_kernels`
 
+    def pack_for_kernels(self) -> None:
+        self.packed = pack_weight(self.w13), pack_weight(self.w2)
+        del self.w13, self.w2
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None:  # one arithmetic for any number of tokens (csrc/linear.cpp)
-            k = self.kernels
-            return k.linear(k.silu_mul(k.linear(x, self.w13[e], None)), self.w2[e], None)
+        if self.packed is not None:  # one arithmetic for any number of tokens (csrc/float_linear.cpp)
+            k, (w13, w2) = self.kernels, self.packed
+            return k.linear(k.silu_mul(k.linear(x, w13[e], 2 * self.inter, None)), w2[e], self.hidden, None)
         gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        return run_grouped(self.expert, self.w13.shape[0], x, weights, chosen)
+        num_experts = self.packed[0].shape[0] if self.packed is not None else self.w13.shape[0]
+        return run_grouped(self.expert, num_experts, x, weights, chosen)
 
 
 def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvtrove.layers.linear import use_cpu_kernels
 from kvtrove.models.deepseek import DeepseekForCausalLM
 from kvtrove.models.llama import LlamaForCausalLM
 from kvtrove.models.moe import MoEForCausalLM
@@ -56,9 +55,9 @@ def build_model(
     weights: Iterable[tuple[str, torch.Tensor]],
     max_positions: int,
     dtype: torch.dtype,
-    kernels=None,
 ) -> nn.Module:
-    """The model with its weights; `kernels` is the compiled C++ module its CPU layers may use."""
+    """The model with its weights, as torch modules (`layers/linear.py` use_cpu_kernels moves it onto
+    the C++ kernels once it is placed)."""
     cls = model_class(hf_config)
     with torch.device("meta"):
         model = cls(hf_config, max_positions, dtype)
@@ -68,9 +67,7 @@ def build_model(
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     load_weights(model, weights)
-    model = model.eval().requires_grad_(False)
-    use_cpu_kernels(model, kernels)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def apply_renames(model: nn.Module, name: str) -> str:

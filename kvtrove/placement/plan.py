@@ -15,7 +15,6 @@ import torch
 import xxhash
 from torch import nn
 
-from kvtrove.layers.linear import CpuLinear
 from kvtrove.layers.quant import (
     Int4Linear,
     Int8Linear,
@@ -58,7 +57,7 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ...]]]
     modules = dict(model.named_modules())
     out = []
     for path, m in modules.items():
-        if isinstance(m, nn.Linear | CpuLinear):
+        if isinstance(m, nn.Linear):
             kind = "linear"
         elif hasattr(m, "load_expert") or isinstance(m, QuantizedExperts):
             kind = "experts"
@@ -74,8 +73,6 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ...]]]
 
 def _float_bytes(m: nn.Module, seen: set[int]) -> int:
     tensors = [*m._parameters.values(), *m._buffers.values()]
-    if isinstance(m, CpuLinear):
-        tensors = [m.weight, m.bias]
     n = 0
     for t in tensors:
         key = None if t is None else id(t) if t.is_meta else t.data_ptr()

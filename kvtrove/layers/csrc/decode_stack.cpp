@@ -16,26 +16,27 @@
 
 namespace {
 
-// A linear layer by its kernel's tensors: {weight} float, {qweight, scales} int8, {qweight, scales, mins}
-// int4.
+// A linear layer of n outputs by its kernel's tensors: {packed weight} float, {qweight, scales} int8,
+// {qweight, scales, mins} int4.
 struct Linear {
   std::vector<torch::Tensor> t;
   c10::optional<torch::Tensor> bias;
+  int64_t n;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    if (t.size() == 1) return ::linear(x, t[0], bias);  // ours, not at::linear
+    if (t.size() == 1) return ::linear(x, t[0], n, bias);  // ours, not at::linear
     auto y = t.size() == 2 ? q8_linear(x, t[0], t[1]) : q4_linear(x, t[0], t[1], t[2]);
     if (bias) y.add_(*bias);
     return y;
   }
 };
 
-using LinearSpec = std::tuple<std::vector<torch::Tensor>, c10::optional<torch::Tensor>>;
+using LinearSpec = std::tuple<std::vector<torch::Tensor>, c10::optional<torch::Tensor>, int64_t>;
 
 Linear make_linear(const LinearSpec& s) {
-  const auto& [t, bias] = s;
+  const auto& [t, bias, n] = s;
   TORCH_CHECK(t.size() >= 1 && t.size() <= 3, "decode_stack: a linear layer has 1 (float), 2 (int8) or 3 (int4) tensors");
-  return Linear{t, bias};
+  return Linear{t, bias, n};
 }
 
 // A sparse MLP (Mixtral, Qwen2/3-MoE; models/moe.py SparseMoE): softmax router, top-k (renormalized or

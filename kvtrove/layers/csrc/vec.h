@@ -247,6 +247,12 @@ inline V16 nibbles16(const uint8_t* q, bool high) {  // the low (or high) nibble
   b = high ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
   return {_mm512_cvtepi32_ps(b)};
 }
+// The two bfloat16 halves of 16 32-bit words as float32 (exact): lo = the low halves, hi = the high ones.
+inline void pairs16(const uint32_t* p, V16& lo, V16& hi) {
+  const __m512i v = _mm512_loadu_si512(p);
+  lo.v = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  hi.v = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 // Keeps a value in a register: without it the compiler re-reads a tile's activation vector from memory
 // for every row it multiplies (a load per FMA, and the loads, not the FMAs, bound the kernel).
 inline void in_register(V16& a) { asm("" : "+v"(a.v)); }
@@ -269,8 +275,22 @@ inline V16 mul16(V16 a, V16 b) { return {mul8(a.lo, b.lo), mul8(a.hi, b.hi)}; }
 inline V16 int8x16(const int8_t* q) { return {int8x8(q), int8x8(q + 8)}; }
 inline V16 nibbles16(const uint8_t* q, bool high) { return {nibbles8(q, high), nibbles8(q + 8, high)}; }
 #ifdef KVT_AVX2
+inline void pairs16(const uint32_t* p, V16& lo, V16& hi) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8 * h));
+    (h ? lo.hi : lo.lo).v = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    (h ? hi.hi : hi.lo).v = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+}
 inline void in_register(V16& a) { asm("" : "+x"(a.lo.v), "+x"(a.hi.v)); }
 #else
+inline void pairs16(const uint32_t* p, V16& lo, V16& hi) {
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t l = p[i] << 16, u = p[i] & 0xFFFF0000u;
+    std::memcpy((i < 8 ? lo.lo : lo.hi).v + i % 8, &l, 4);
+    std::memcpy((i < 8 ? hi.lo : hi.hi).v + i % 8, &u, 4);
+  }
+}
 inline void in_register(V16&) {}
 #endif
 #endif
