@@ -10,7 +10,16 @@ import torch.nn.functional as F
 
 from kvtrove import LLM, SamplingParams
 from kvtrove.layers.kernels import cpu_kernels
-from kvtrove.layers.quant import Int4Linear, Int8Linear
+from kvtrove.layers.quant import (
+    Int4Linear,
+    Int8Linear,
+    int4_parts,
+    int8_parts,
+    pack_int4,
+    pack_int8,
+    unpack_int4,
+    unpack_int8,
+)
 from kvtrove.placement import plan
 from tests.helpers import assert_all_blocks_free, prompt_logits
 
@@ -189,3 +198,37 @@ def test_kernels_on_odd_group_counts(k):
         for tokens in range(1, 7):
             x = torch.randn(tokens, k)
             torch.testing.assert_close(layer(x).double(), _exact(x, deq, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, k", [(1, 32), (8, 64), (13, 96), (40, 48), (17, 40)])  # partial panels, short groups
+def test_packed_panels_unpack_to_themselves(n, k):
+    torch.manual_seed(n * k)
+    w = torch.randn(n, k)
+    parts8 = int8_parts(w)
+    packed8 = pack_int8(*parts8)
+    assert packed8.shape == (-(-n // 8), -(-k // 32), 288) and packed8.dtype == torch.int8
+    assert all(torch.equal(a, b) for a, b in zip(unpack_int8(packed8, n, k), parts8))
+    if k % 32 == 0:
+        parts4 = int4_parts(w, 32)
+        packed4 = pack_int4(*parts4)
+        assert packed4.shape == (-(-n // 8), k // 32, 192) and packed4.dtype == torch.uint8
+        assert all(torch.equal(a, b) for a, b in zip(unpack_int4(packed4, n), parts4))
+        # the module keeps only the panels, and gives the same weights back
+        layer = Int4Linear(w, None, 32, cpu_kernels())
+        assert torch.equal(layer.dequantized(), Int4Linear(w, None, 32).dequantized())
+
+
+def test_quantized_kernels_reject_bad_panels():
+    kernels = cpu_kernels()
+    assert kernels is not None, "the C++ kernels did not build"
+    w = torch.randn(20, 64)
+    packed4 = pack_int4(*int4_parts(w, 32))
+    packed8 = pack_int8(*int8_parts(w))
+    with pytest.raises(RuntimeError, match="3 panels cannot hold 25 outputs"):
+        kernels.q4_linear(torch.randn(2, 64), packed4, 25)
+    with pytest.raises(RuntimeError, match="2 groups do not fit 96 inputs"):
+        kernels.q8_linear(torch.randn(2, 96), packed8, 20)
+    with pytest.raises(RuntimeError, match="uint8 panels"):
+        kernels.q4_linear(torch.randn(2, 64), packed8, 20)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] expected"):
+        kernels.q8_linear(torch.randn(64), packed8, 20)

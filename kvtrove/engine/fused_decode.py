@@ -18,7 +18,7 @@ from torch import nn
 from kvtrove.layers.attention import AttentionMetadata
 from kvtrove.layers.linear import CpuLinear
 from kvtrove.layers.norm import RMSNorm
-from kvtrove.layers.quant import Int4Linear, Int8Linear, QuantizedExperts, kernel_parts
+from kvtrove.layers.quant import Int4Linear, Int8Linear, QuantizedExperts
 from kvtrove.models.llama import LlamaAttention, LlamaMLP, LlamaModel
 from kvtrove.models.moe import SparseMoE
 
@@ -107,7 +107,7 @@ def _mlp(mlp: nn.Module, dtype: torch.dtype) -> tuple[tuple, tuple | None] | Non
     if dtype != torch.float32:
         return None
     router = _linear(mlp.gate, dtype)
-    if router is None or len(router[0]) != 1:  # the router is a float layer (its logits pick the experts)
+    if router is None or not router[0].is_floating_point():  # a float router (its logits pick the experts)
         return None
     shared = (None, None, None)
     if mlp.shared_expert is not None:
@@ -131,11 +131,11 @@ def _runs_kernels(norm: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _linear(m: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(the kernel's tensors, bias, outputs) of a linear layer that runs a kernel, else None (the quantized
-    kernels return float32, which a bf16 model's modules round)."""
+    """(the kernel's packed weights, bias, outputs) of a linear layer that runs a kernel, else None (the
+    quantized kernels return float32, which a bf16 model's modules round)."""
     if type(m) is CpuLinear and m.kernels is not None and m.dtype == dtype:
-        return [m.packed], m.bias, m.out_features
+        return m.packed, m.bias, m.out_features
     quantized = type(m) in (Int8Linear, Int4Linear) and m.kernels is not None
     if quantized and dtype == torch.float32:
-        return kernel_parts(m), m.bias, m.out_features
+        return m.packed, m.bias, m.out_features
     return None

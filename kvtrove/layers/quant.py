@@ -6,11 +6,14 @@ Decode reads every weight once per token, so fewer bytes per weight is more toke
 - `int4`: 4 bits per weight in groups of `group_size` along the input, a float32 scale and minimum per
   group (w = q * scale + min rounded once, q in 0..15; GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it
   exactly).
-Both run kvtrove's C++ linear kernel (`csrc/linear.cpp`) for every step: the weights expanded to float32
+Both run kvtrove's C++ kernel (`csrc/quant_linear.cpp`) for every step: the weights expanded to float32
 as stored and float32 activations, each output in one fixed summation order, so a token's numbers are
 the same in a decode step, a batch or any prefill chunk, and a GGUF's weights are used as the file has
 them (the default engine keeps the float model's answers). Without the kernels: the weight dequantized
 per call and torch's F.linear.
+The kernel reads the weights packed once at load (`pack_int8` / `pack_int4`): panels of 8 rows, per group
+of 32 along the input one block of the 8 rows' values and their scales (and mins), so a decode step
+streams each panel sequentially with every row at a fixed offset.
 PyTorch's kernels were measured first: `_weight_int4pack_mm_for_cpu` streams only 4.6-6.4 GB/s of
 weights on AVX2 machines (compute-bound), and `_weight_int8pack_mm` is fast only with bf16 activations
 and returns bf16, which rounds an output head's logits to 8 bits of mantissa, differently per batch
@@ -40,6 +43,64 @@ def int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).view(n, -1)[:, :k].contiguous(), scale.contiguous()
 
 
+PANEL = 8
+"""Rows per panel of the packed layouts (`csrc/quant_linear.cpp`); rows past N are zero."""
+
+
+def _bytes(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """float32 [n, groups] -> their bytes [n, groups, 4] (uint8)."""
+    return t.contiguous().view(torch.uint8).view(t.shape[0], groups, 4)
+
+
+def _panels(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-row blocks [n, groups, b] (uint8) -> [P, groups, 8 * b]: each panel's 8 rows side by side."""
+    p = -(-n // PANEL)
+    blocks = F.pad(blocks, (0, 0, 0, 0, 0, PANEL * p - n))
+    groups, b = blocks.shape[1:]
+    return blocks.view(p, PANEL, groups, b).transpose(1, 2).reshape(p, groups, PANEL * b)
+
+
+def _rows(packed: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    """`_panels` undone: [P, groups, 8 * b] -> [n, groups, b] (uint8, a copy)."""
+    p, groups, _ = packed.shape
+    return packed.view(torch.uint8).view(p, groups, PANEL, b).transpose(1, 2).reshape(p * PANEL, groups, b)[:n]
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(qweight [n, k] int8, scales [n, ceil(k/32)] float32) -> int8 panels [ceil(n/8), ceil(k/32), 288]: per
+    group, the 8 rows' 32 values (k padded with zeros), then their 8 scales."""
+    n, k = qweight.shape
+    groups = -(-k // 32)
+    q = F.pad(qweight, (0, 32 * groups - k)).view(torch.uint8).view(n, groups, 32)
+    parts = [_panels(q, n), _panels(_bytes(scales, groups), n)]
+    return torch.cat(parts, -1).view(torch.int8)
+
+
+def unpack_int8(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_int8` undone: (qweight [n, k] int8, scales [n, ceil(k/32)] float32), copies."""
+    groups = packed.shape[1]
+    q = _rows(packed[..., : PANEL * 32], n, 32).reshape(n, groups * 32)[:, :k].view(torch.int8)
+    scales = _rows(packed[..., PANEL * 32 :], n, 4).reshape(n, groups * 4).view(torch.float32)
+    return q.contiguous(), scales.contiguous()
+
+
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """(qweight [n, k/2] uint8, scales and mins [n, k/32] float32) -> uint8 panels [ceil(n/8), k/32, 192]: per
+    group, the 8 rows' 16 bytes, then their 8 scales, then their 8 mins."""
+    n, groups = scales.shape
+    parts = [_panels(qweight.reshape(n, groups, 16), n), _panels(_bytes(scales, groups), n), _panels(_bytes(mins, groups), n)]
+    return torch.cat(parts, -1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack_int4` undone: (qweight [n, k/2] uint8, scales, mins [n, k/32] float32), copies."""
+    groups = packed.shape[1]
+    q = _rows(packed[..., : PANEL * 16], n, 16).reshape(n, groups * 16)
+    scales = _rows(packed[..., PANEL * 16 : PANEL * 20], n, 4).reshape(n, groups * 4).view(torch.float32)
+    mins = _rows(packed[..., PANEL * 20 :], n, 4).reshape(n, groups * 4).view(torch.float32)
+    return q.contiguous(), scales.contiguous(), mins.contiguous()
+
+
 class Int8Linear(nn.Module):
     """8-bit weights with a float32 scale per 32 along the input: w = q * scale."""
 
@@ -51,22 +112,29 @@ class Int8Linear(nn.Module):
         parts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Quantizes `weight` [n, k]; or takes `parts` (qweight, scales) already in this layout (GGUF Q8_0
-        blocks) and no weight."""
+        blocks) and no weight. With `kernels`, keeps them packed (`pack_int8`) only."""
         super().__init__()
         qweight, scales = parts if parts is not None else int8_parts(weight)
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.float())
         self.out_features, self.in_features = qweight.shape
+        self.bias = None if bias is None else bias.float()
         self.kernels = kernels
+        self.packed = None if kernels is None else pack_int8(qweight, scales)
+        self._parts = (qweight.contiguous(), scales.contiguous()) if kernels is None else None
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight [n, k] int8, scales [n, ceil(k/32)] float32) (unpacked: copies, where the kernel holds them)."""
+        if self._parts is not None:
+            return self._parts
+        return unpack_int8(self.packed, self.out_features, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.repeat_interleave(32, 1)[:, : self.in_features]
+        qweight, scales = self.parts()
+        return qweight.float() * scales.repeat_interleave(32, 1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None:
-            y = self.kernels.q8_linear(x2, self.qweight, self.scales)
+            y = self.kernels.q8_linear(x2, self.packed, self.out_features)
         else:
             y = F.linear(x2.float(), self.dequantized())
         if self.bias is not None:
@@ -108,32 +176,36 @@ class Int4Linear(nn.Module):
         parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         """Quantizes `weight` [n, k]; or takes `parts` (qweight, scales, mins) already in this layout (GGUF 4-bit
-        blocks repacked) and no weight."""
+        blocks repacked) and no weight. With `kernels`, keeps them packed (`pack_int4`) only."""
         super().__init__()
         qweight, scales, mins = parts if parts is not None else int4_parts(weight, group_size)
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("mins", mins.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.float())
-        self.kernels = kernels
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
-        self.fast = (self.qweight, self.scales, self.mins) if self.bias is None else None
-        """The kernel's arguments as a plain attribute (buffers are looked up through nn.Module's slow
-        __getattr__, ~1 us each, on the 120 calls of a decode step)."""
+        self.bias = None if bias is None else bias.float()
+        self.kernels = kernels
+        self.packed = None if kernels is None else pack_int4(qweight, scales, mins)
+        self._parts = None if kernels is not None else tuple(t.contiguous() for t in (qweight, scales, mins))
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight [n, k/2] uint8, scales, mins [n, k/32] float32) (unpacked: copies, where the kernel holds
+        them)."""
+        if self._parts is not None:
+            return self._parts
+        return unpack_int4(self.packed, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """w = q * scale + min rounded once, as the kernel expands it (q * scale is exact in float64)."""
         n, k = self.out_features, self.in_features
-        packed = self.qweight.view(n, k // 32, 16)
+        qweight, scales, mins = self.parts()
+        packed = qweight.view(n, k // 32, 16)
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).view(n, k // 32, 32).double()
-        return (q * self.scales[..., None].double() + self.mins[..., None].double()).float().view(n, k)
+        return (q * scales[..., None].double() + mins[..., None].double()).float().view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast is not None and self.kernels is not None and x.dim() == 2:  # the common case, lean
-            return self.kernels.q4_linear(x, *self.fast).to(x.dtype)
+        if self.bias is None and self.kernels is not None and x.dim() == 2:  # the common case, lean
+            return self.kernels.q4_linear(x, self.packed, self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None:
-            y = self.kernels.q4_linear(x2, self.qweight, self.scales, self.mins)
+            y = self.kernels.q4_linear(x2, self.packed, self.out_features)
         else:
             y = F.linear(x2.float(), self.dequantized())
         if self.bias is not None:
@@ -162,9 +234,10 @@ class QuantizedExperts(nn.Module):
         layers = [m for pair in self.layers for m in pair]
         if kernels is None or any(m.bias is not None or m.kernels is None for m in layers):
             return None
-        bank = kernels.ExpertBank()
+        w13, w2 = self.layers[0]
+        bank = kernels.ExpertBank(w13.out_features, w2.out_features)
         for w13, w2 in self.layers:
-            bank.add(*(kernel_parts(m) for m in (w13, w2)))
+            bank.add(w13.packed, w2.packed)
         return bank
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -177,11 +250,6 @@ class QuantizedExperts(nn.Module):
         if self.bank is not None and x.shape[0] == 1 and x.dtype == torch.float32:
             return self.bank.forward(x, chosen[0].tolist(), weights[0])
         return run_grouped(self.expert, self.num_experts, x, weights, chosen)
-
-
-def kernel_parts(m: Int8Linear | Int4Linear) -> list[torch.Tensor]:
-    """The tensors the C++ kernels take for a quantized layer: int8 (qweight, scales), int4 (.., mins)."""
-    return [m.qweight, m.scales, m.mins] if isinstance(m, Int4Linear) else [m.qweight, m.scales]
 
 
 def quantized_bytes(n: int, k: int, scheme: str) -> int:

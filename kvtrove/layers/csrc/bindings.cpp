@@ -14,9 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store, "RoPE on q/k heads in place, then k/v into the paged cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("sigmoid", &logistic, "1 / (1 + exp(-x)), the same bits wherever x sits in the tensor");
-  m.def("q4_linear", &q4_linear, "y = x W^T, W 4-bit per group of 32 (q * scale + min)");
-  m.def("q8_linear", &q8_linear, "y = x W^T, W 8-bit with a scale per 32 (q * scale)");
-  m.def("q_linear_grouped", &q_linear_grouped, "y[e] = x[e] W_e^T, one int4 or int8 weight per row of x");
+  m.def("q4_linear", &q4_linear, "y = x W^T, W 4-bit per group of 32 (q * scale + min), packed panels for n outputs");
+  m.def("q8_linear", &q8_linear, "y = x W^T, W 8-bit with a scale per 32 (q * scale), packed panels for n outputs");
+  m.def("q_linear_grouped", &q_linear_grouped, "y[e] = x[e] W_e^T, one int4 or int8 weight (packed, n outputs) per row of x");
   bind_decode_stack(m);
   bind_expert_bank(m);
 }

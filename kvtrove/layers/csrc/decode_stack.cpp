@@ -16,27 +16,29 @@
 
 namespace {
 
-// A linear layer of n outputs by its kernel's tensors: {packed weight} float, {qweight, scales} int8,
-// {qweight, scales, mins} int4.
+// A linear layer of n outputs by its kernel's packed weights: float32 / bf16 panels (float_linear.cpp),
+// int8 or uint8 (int4) ones (quant_linear.cpp).
 struct Linear {
-  std::vector<torch::Tensor> t;
+  torch::Tensor w;
   c10::optional<torch::Tensor> bias;
   int64_t n;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    if (t.size() == 1) return ::linear(x, t[0], n, bias);  // ours, not at::linear
-    auto y = t.size() == 2 ? q8_linear(x, t[0], t[1]) : q4_linear(x, t[0], t[1], t[2]);
+    if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) return ::linear(x, w, n, bias);  // ours
+    auto y = w.scalar_type() == at::kChar ? q8_linear(x, w, n) : q4_linear(x, w, n);
     if (bias) y.add_(*bias);
     return y;
   }
 };
 
-using LinearSpec = std::tuple<std::vector<torch::Tensor>, c10::optional<torch::Tensor>, int64_t>;
+using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, int64_t>;
 
 Linear make_linear(const LinearSpec& s) {
-  const auto& [t, bias, n] = s;
-  TORCH_CHECK(t.size() >= 1 && t.size() <= 3, "decode_stack: a linear layer has 1 (float), 2 (int8) or 3 (int4) tensors");
-  return Linear{t, bias, n};
+  const auto& [w, bias, n] = s;
+  const auto t = w.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kChar || t == at::kByte,
+              "decode_stack: a linear layer's packed weights are float32, bfloat16, int8 or uint8 (int4), not ", t);
+  return Linear{w, bias, n};
 }
 
 // A sparse MLP (Mixtral, Qwen2/3-MoE; models/moe.py SparseMoE): softmax router, top-k (renormalized or

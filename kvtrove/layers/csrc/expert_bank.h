@@ -16,9 +16,13 @@
 
 class ExpertBank {
  public:
-  // One expert: {qweight, scales(, mins)} of its gate/up (fused) and of its down projection.
-  void add(std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2) {
-    TORCH_CHECK(w13.size() == w2.size() && (w13.size() == 2 || w13.size() == 3), "ExpertBank: int4 or int8 parts");
+  // The bank's shape: gate/up (fused) of n13 outputs and down of n2, the same for every expert.
+  ExpertBank(int64_t n13, int64_t n2) : n13_(n13), n2_(n2) {}
+
+  // One expert: the packed panels (layers/quant.py) of its gate/up and of its down projection.
+  void add(torch::Tensor w13, torch::Tensor w2) {
+    TORCH_CHECK(w13.scalar_type() == w2.scalar_type() && (w13.scalar_type() == at::kByte || w13.scalar_type() == at::kChar),
+                "ExpertBank: int4 (uint8) or int8 panels of one kind");
     w13_.push_back(std::move(w13));
     w2_.push_back(std::move(w2));
   }
@@ -27,13 +31,13 @@ class ExpertBank {
   torch::Tensor forward(const torch::Tensor& x, const std::vector<int64_t>& chosen, const torch::Tensor& weights) const {
     const int64_t k = static_cast<int64_t>(chosen.size());
     TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && k > 0 && weights.numel() == k, "ExpertBank: one token, k weights");
-    std::vector<std::vector<torch::Tensor>> up, down;
+    std::vector<torch::Tensor> up, down;
     for (const int64_t e : chosen) {
       TORCH_CHECK(e >= 0 && e < static_cast<int64_t>(w13_.size()), "ExpertBank: expert ", e, " out of range");
       up.push_back(w13_[e]);
       down.push_back(w2_[e]);
     }
-    const auto y = q_linear_grouped(silu_mul(q_linear_grouped(x.expand({k, x.size(1)}).contiguous(), up)), down);
+    const auto y = q_linear_grouped(silu_mul(q_linear_grouped(x.expand({k, x.size(1)}).contiguous(), up, n13_)), down, n2_);
     // summed by ascending expert id, as the grouped path sums a batch's tokens (models/moe.py), so a
     // token's numbers do not depend on the tokens decoded with it
     std::vector<int64_t> order(k);
@@ -45,5 +49,6 @@ class ExpertBank {
   }
 
  private:
-  std::vector<std::vector<torch::Tensor>> w13_, w2_;
+  int64_t n13_, n2_;
+  std::vector<torch::Tensor> w13_, w2_;
 };

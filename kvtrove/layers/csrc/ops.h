@@ -15,7 +15,7 @@ void rope_store(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
                 torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t num_heads);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor logistic(const torch::Tensor& x);  // sigmoid, the same bits wherever x sits
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
-                        const torch::Tensor& mins);
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales);
-torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& weights);
+// packed: panels by layers/quant.py pack_int4 / pack_int8 for n outputs
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n);
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n);
+torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, int64_t n);

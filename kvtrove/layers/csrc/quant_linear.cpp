@@ -5,11 +5,16 @@
 // others, or computed in a prefill chunk of any size, on any number of threads, with AVX-512, AVX2 or no
 // SIMD at all. (Float weights: float_linear.cpp.)
 //
-// Weight formats:
-// - int8 [N, K] with a float32 scale per 32 along K: w = q * scale (GGUF Q8_0's blocks as they are);
-// - int4 [N, K/2] uint8 with a float32 scale and min per 32: w = q * scale + min rounded once (a fused
-//   multiply-add; for GGUF's Q4_0 / Q4_1 / Q4_K blocks q * scale is exact, so this is the gguf package's
-//   dequantization bit for bit), byte j of a group holding weight j (low nibble) and weight j + 16 (high).
+// Weight formats, both packed once at load (layers/quant.py pack_int8 / pack_int4) into panels of 8 rows:
+// per panel and group of 32 along K one block holding the 8 rows' values and then their float32 scales
+// (and mins), so a row group's weights are one sequential stream and a decode step's rows sit at fixed
+// offsets of one pointer. Rows past N are zero (their outputs are dropped).
+// - int8: a block is 8 x 32 int8 then 8 scales (288 bytes); w = q * scale (GGUF Q8_0's blocks as they
+//   are); K is padded with zeros to whole groups, and a K % 16 tail is summed one by one (`at`);
+// - int4: a block is 8 x 16 bytes, then 8 scales, then 8 mins (192 bytes); w = q * scale + min rounded once
+//   (a fused multiply-add; for GGUF's Q4_0 / Q4_1 / Q4_K blocks q * scale is exact, so this is the gguf
+//   package's dequantization bit for bit), byte j of a row's 16 holding weight j (low nibble) and weight
+//   j + 16 (high); K is a multiple of 32.
 //
 // Work: rows in groups of R, tokens in blocks that stay in L2; a row group's weights are expanded to
 // float32 (interleaved per 16 along K) into a small buffer per slice of K and reused by every token of
@@ -20,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -31,38 +37,59 @@ namespace {
 using kvt::V16;
 
 constexpr int64_t G = 32;               // quantization group along K
+constexpr int64_t PANEL = 8;            // rows per panel of the packed layout
 constexpr int64_t SCRATCH = 16384 / 4;  // floats of expanded weights per row group and K slice (L1)
 constexpr int64_t XBLOCK = 524288 / 4;  // floats of activations per token block (L2)
+constexpr int64_t AHEAD = 1024;         // bytes a decode step prefetches ahead of the block it reads
 
-// A weight format: `load(n, k, out)` writes w[n, k .. k + 16 * kChunks) as float32 into kChunks vectors
-// (k a multiple of 16 * kChunks), `at(n, k)` one weight of the K % 16 tail, the same value (int4 has no
-// tail: K is a multiple of 32); `at_bytes(n, k)` where w[n, k] is stored, to prefetch (rows stream from
-// DRAM at ~11 GB/s without it, ~20-25 with it).
+inline float f32_at(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// A weight format over its packed panels. `block(n, g)`: the block of row n's panel for group g;
+// `load(n, k, out)` writes w[n, k .. k + 16 * kChunks) as float32 into kChunks vectors (k a multiple of
+// 16 * kChunks); `at(n, k)` one weight of the K % 16 tail, the same value (int4 has no tail);
+// `group(b, r, out)`: row r's 32 weights of block b (`half`: its first 16, for int8's last short group).
 struct Int8W {
-  const int8_t* q;
-  const float* scales;
-  int64_t K, groups;  // groups = ceil(K / 32): the last one may be short
+  const uint8_t* p;
+  int64_t K, groups;  // groups = ceil(K / 32)
   static constexpr int kChunks = 1;
-  const void* at_bytes(int64_t n, int64_t k) const { return q + n * K + k; }
-  void load(int64_t n, int64_t k, V16* out) const {
-    out[0] = kvt::mul16(kvt::int8x16(q + n * K + k), kvt::set16(scales[n * groups + k / G]));
+  static constexpr int64_t kBlock = PANEL * G + PANEL * 4;
+  const uint8_t* block(int64_t n, int64_t g) const { return p + ((n / PANEL) * groups + g) * kBlock; }
+  static void group(const uint8_t* b, int r, V16* out, bool half = false) {
+    const auto* q = reinterpret_cast<const int8_t*>(b + G * r);
+    const V16 s = kvt::set16(f32_at(b + PANEL * G + 4 * r));
+    out[0] = kvt::mul16(kvt::int8x16(q), s);
+    if (!half) out[1] = kvt::mul16(kvt::int8x16(q + 16), s);
   }
-  float at(int64_t n, int64_t k) const { return static_cast<float>(q[n * K + k]) * scales[n * groups + k / G]; }
+  void load(int64_t n, int64_t k, V16* out) const {
+    const uint8_t* b = block(n, k / G);
+    const int r = static_cast<int>(n % PANEL);
+    out[0] = kvt::mul16(kvt::int8x16(reinterpret_cast<const int8_t*>(b + G * r + k % G)),
+                        kvt::set16(f32_at(b + PANEL * G + 4 * r)));
+  }
+  float at(int64_t n, int64_t k) const {
+    const uint8_t* b = block(n, k / G);
+    const int r = static_cast<int>(n % PANEL);
+    return static_cast<float>(static_cast<int8_t>(b[G * r + k % G])) * f32_at(b + PANEL * G + 4 * r);
+  }
 };
 
 struct Int4W {
-  const uint8_t* q;
-  const float *scales, *mins;
-  int64_t K;
+  const uint8_t* p;
+  int64_t K, groups;  // groups = K / 32
   static constexpr int kChunks = 2;  // a group at a time: one load of its 16 bytes, one scale and min
-  const void* at_bytes(int64_t n, int64_t k) const { return q + n * (K / 2) + k / 2; }
-  void load(int64_t n, int64_t k, V16* out) const {  // weights 0-15 of a group are the low nibbles, 16-31 the high
-    const int64_t g = n * (K / G) + k / G;
-    const uint8_t* b = q + n * (K / 2) + k / 2;
-    const V16 s = kvt::set16(scales[g]), m = kvt::set16(mins[g]);
-    out[0] = kvt::fma16(kvt::nibbles16(b, false), s, m);  // q * scale + min, one rounding
-    out[1] = kvt::fma16(kvt::nibbles16(b, true), s, m);
+  static constexpr int64_t kBlock = PANEL * G / 2 + PANEL * 8;
+  const uint8_t* block(int64_t n, int64_t g) const { return p + ((n / PANEL) * groups + g) * kBlock; }
+  static void group(const uint8_t* b, int r, V16* out, bool = false) {  // low nibbles: 0-15, high: 16-31
+    const uint8_t* q = b + 16 * r;
+    const V16 s = kvt::set16(f32_at(b + PANEL * 16 + 4 * r)), m = kvt::set16(f32_at(b + PANEL * 20 + 4 * r));
+    out[0] = kvt::fma16(kvt::nibbles16(q, false), s, m);  // q * scale + min, one rounding
+    out[1] = kvt::fma16(kvt::nibbles16(q, true), s, m);
   }
+  void load(int64_t n, int64_t k, V16* out) const { group(block(n, k / G), static_cast<int>(n % PANEL), out); }
   float at(int64_t, int64_t) const { return 0.f; }
 };
 
@@ -116,7 +143,7 @@ void finish(const W& w, const float* x, int64_t m0, int64_t m1, int64_t K, int64
     for (int64_t i = 0; i < count; ++i)
       for (int64_t k = K16; k < K; ++k) {
         float* lanes = acc.data() + i * 16;
-        lanes[k % 16] = std::fma(x[(m0 + i / R) * K + k], w.at(n0 + std::min<int64_t>(i % R, nr - 1), k), lanes[k % 16]);
+        lanes[k % 16] = std::fma(x[(m0 + i / R) * K + k], w.at(n0 + i % R, k), lanes[k % 16]);
       }
   acc.resize((count + 7) / 8 * 8 * 16, 0.f);  // whole groups of eight
   float sums[8 * R];  // R tokens' rows at a time
@@ -131,23 +158,34 @@ void finish(const W& w, const float* x, int64_t m0, int64_t m1, int64_t K, int64
   }
 }
 
-// One token, rows [n0, n0 + R): the weights expanded in registers (decode streams them once).
+// One token, rows [n0, n0 + R) of one panel: the weights expanded in registers, block after block of
+// the panel (decode streams them once); `steps` 16-wide steps along K.
 template <int R, class W>
-inline void tile1(const W& w, const int64_t* rows, const float* x, int64_t steps, float* acc) {
+inline void tile1(const W& w, int64_t n0, const float* x, int64_t steps, float* acc) {
+  static_assert(PANEL % R == 0, "a row group lies within one panel");
   V16 a[R];
   for (int r = 0; r < R; ++r) a[r] = kvt::zero16();
-  constexpr int C = W::kChunks;
-  for (int64_t i = 0; i < steps; i += C) {
-    V16 xv[C];
-    for (int c = 0; c < C; ++c) {
-      xv[c] = kvt::load16(x + 16 * (i + c));
-      kvt::in_register(xv[c]);
-    }
+  const uint8_t* b = w.block(n0, 0);
+  const int r0 = static_cast<int>(n0 % PANEL);
+  int64_t i = 0;
+  for (; i + 2 <= steps; i += 2, b += W::kBlock) {
+    for (int64_t ahead = 0; ahead < W::kBlock; ahead += 64) kvt::prefetch(b + AHEAD + ahead);
+    V16 xv[2] = {kvt::load16(x + 16 * i), kvt::load16(x + 16 * i + 16)};
+    kvt::in_register(xv[0]);
+    kvt::in_register(xv[1]);
     for (int r = 0; r < R; ++r) {
-      kvt::prefetch(w.at_bytes(rows[r] + R, 16 * i));  // the next row group's weights, ahead of DRAM
-      V16 wv[C];
-      w.load(rows[r], 16 * i, wv);
-      for (int c = 0; c < C; ++c) a[r] = kvt::fma16(xv[c], wv[c], a[r]);
+      V16 wv[2];
+      W::group(b, r0 + r, wv);
+      a[r] = kvt::fma16(xv[0], wv[0], a[r]);
+      a[r] = kvt::fma16(xv[1], wv[1], a[r]);
+    }
+  }
+  if (i < steps) {  // int8's last group of 16
+    const V16 xv = kvt::load16(x + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      V16 wv[2];
+      W::group(b, r0 + r, wv, true);
+      a[r] = kvt::fma16(xv, wv[0], a[r]);
     }
   }
   for (int r = 0; r < R; ++r) kvt::store16(acc + r * 16, a[r]);
@@ -166,20 +204,18 @@ void row_group(const W& w, const float* x, const float* xp, int64_t m0, int64_t 
   const int64_t slice = ((K16 + slices - 1) / slices + G - 1) / G * G;
   acc.resize((m1 - m0) * R * 16);
   if (MB == 1 && m1 - m0 == 1) {  // decode
-    int64_t rows[R];
-    for (int r = 0; r < R; ++r) rows[r] = n0 + std::min<int64_t>(r, nr - 1);
-    tile1<R>(w, rows, x + m0 * K, K16 / 16, acc.data());
+    tile1<R>(w, n0, x + m0 * K, K16 / 16, acc.data());
     return finish<R>(w, x, m0, m1, K, n0, nr, y, N, bias, acc);
   }
   scratch.resize(R * slice);
   if (K16 == 0) std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t k0 = 0; k0 < K16; k0 += slice) {
     const int64_t k1 = std::min(K16, k0 + slice), steps = (k1 - k0) / 16;
-    for (int64_t i = 0; i < steps; i += W::kChunks)  // rows past nr repeat the last one (results dropped)
+    for (int64_t i = 0; i < steps; i += W::kChunks)  // the panel's rows past N are zero (results dropped)
       for (int r = 0; r < R; ++r) {
-        kvt::prefetch(w.at_bytes(n0 + R + r, k0 + 16 * i));  // the next row group's
+        kvt::prefetch(w.block(n0 + PANEL, (k0 + 16 * i) / G));  // the next panel's
         V16 wv[W::kChunks];
-        w.load(n0 + std::min<int64_t>(r, nr - 1), k0 + 16 * i, wv);
+        w.load(n0 + r, k0 + 16 * i, wv);
         for (int c = 0; c < W::kChunks; ++c) kvt::store16(scratch.data() + ((i + c) * R + r) * 16, wv[c]);
       }
     for (int64_t m = m0; m < m1; m += MB) {
@@ -235,86 +271,79 @@ void check_x(const torch::Tensor& x, int64_t K, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name, ": float32 or bfloat16 x");
 }
 
-// int8 [N, K] and float32 scales [N, ceil(K/32)]; int4 [N, K/2] and scales, mins [N, K/32].
-Int8W int8_weight(const torch::Tensor& qw, const torch::Tensor& scales, const char* name) {
-  TORCH_CHECK(qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.dim() == 2, name,
-              ": int8 weights [N, K] expected");
-  const int64_t N = qw.size(0), K = qw.size(1), groups = (K + G - 1) / G;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * groups, name,
-              ": float32 scales [N, ceil(K/32)] expected");
-  return {qw.data_ptr<int8_t>(), scales.data_ptr<float>(), K, groups};
-}
-
-Int4W int4_weight(const torch::Tensor& qw, const torch::Tensor& scales, const torch::Tensor& mins, const char* name) {
-  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.dim() == 2 && qw.size(1) % (G / 2) == 0,
-              name, ": uint8 weights [N, K/2] with K a multiple of 32 expected");
-  const int64_t N = qw.size(0), K = qw.size(1) * 2;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  mins.is_contiguous() && scales.numel() == N * (K / G) && mins.numel() == N * (K / G),
-              name, ": float32 scales and mins [N, K/32] expected");
-  return {qw.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), K};
+// Panels packed by layers/quant.py for n outputs and k inputs: int8 [ceil(n/8), ceil(k/32), 288] int8,
+// int4 [ceil(n/8), k/32, 192] uint8.
+template <class W>
+W packed_weight(const torch::Tensor& w, int64_t n, int64_t k, const char* name) {
+  constexpr bool int4 = std::is_same_v<W, Int4W>;
+  TORCH_CHECK(w.scalar_type() == (int4 ? at::kByte : at::kChar) && w.is_contiguous() && w.dim() == 3 &&
+                  w.size(2) == W::kBlock,
+              name, ": ", int4 ? "uint8" : "int8", " panels [P, groups, ", W::kBlock, "] expected (layers/quant.py ",
+              int4 ? "pack_int4" : "pack_int8", "), got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(n > 0 && w.size(0) == (n + PANEL - 1) / PANEL, name, ": ", w.size(0), " panels cannot hold ", n, " outputs");
+  TORCH_CHECK(int4 ? k % G == 0 && w.size(1) == k / G : w.size(1) == (k + G - 1) / G, name, ": ", w.size(1),
+              " groups do not fit ", k, " inputs", int4 ? " (int4: a multiple of 32)" : "");
+  return {reinterpret_cast<const uint8_t*>(w.data_ptr()), k, w.size(1)};
 }
 
 template <class W>
-torch::Tensor apply(const W& w, const torch::Tensor& x, int64_t N, const float* bias) {
+torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& packed, int64_t n, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, ": x [M, K] expected, got ", x.sizes());
+  const auto w = packed_weight<W>(packed, n, x.size(1), name);
+  check_x(x, w.K, name);
   const auto xf = as_float(x);
-  const int64_t M = xf.size(0), K = xf.size(1);
-  auto y = torch::empty({M, N}, xf.options());
-  if (M > 0) dispatch_m(w, xf.data_ptr<float>(), M, K, N, y.data_ptr<float>(), bias);
+  const int64_t M = xf.size(0);
+  auto y = torch::empty({M, n}, xf.options());
+  if (M > 0) dispatch_m(w, xf.data_ptr<float>(), M, w.K, n, y.data_ptr<float>(), nullptr);
   return y;
 }
 
 }  // namespace
 
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales) {
-  const auto w = int8_weight(qw, scales, "q8_linear");
-  check_x(x, w.K, "q8_linear");
-  return apply(w, x, qw.size(0), nullptr);
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n) {
+  return apply<Int8W>(x, packed, n, "q8_linear");
 }
 
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
-                        const torch::Tensor& mins) {
-  const auto w = int4_weight(qw, scales, mins, "q4_linear");
-  check_x(x, w.K, "q4_linear");
-  return apply(w, x, qw.size(0), nullptr);
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n) {
+  return apply<Int4W>(x, packed, n, "q4_linear");
 }
 
 // y[e] = x[e] W_e^T: one weight per input row (a decode token's chosen experts), all rows of all weights
 // in one parallel region; each row's numbers are those of q4_linear / q8_linear on that input row alone.
-// weights[e]: {qweight, scales, mins} (int4) or {qweight, scales} (int8), all of one kind and shape.
-torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& weights) {
+// weights[e]: panels of n outputs, all int4 or all int8, of one shape.
+torch::Tensor q_linear_grouped(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, int64_t n) {
   const int64_t E = x.size(0);
   TORCH_CHECK(x.dim() == 2 && static_cast<int64_t>(weights.size()) == E && E > 0,
               "q_linear_grouped: x [E, K] and one weight per row of x");
-  const bool int4 = weights[0].size() == 3;
+  const bool int4 = weights[0].scalar_type() == at::kByte;
+  const int64_t K = x.size(1);
   std::vector<Int8W> w8;
   std::vector<Int4W> w4;
   for (const auto& w : weights) {
-    TORCH_CHECK(w.size() == weights[0].size() && (w.size() == 2 || w.size() == 3) && w[0].sizes() == weights[0][0].sizes(),
+    TORCH_CHECK(w.sizes() == weights[0].sizes() && w.scalar_type() == weights[0].scalar_type(),
                 "q_linear_grouped: weights of one kind and shape");
     if (int4) {
-      w4.push_back(int4_weight(w[0], w[1], w[2], "q_linear_grouped"));
+      w4.push_back(packed_weight<Int4W>(w, n, K, "q_linear_grouped"));
     } else {
-      w8.push_back(int8_weight(w[0], w[1], "q_linear_grouped"));
+      w8.push_back(packed_weight<Int8W>(w, n, K, "q_linear_grouped"));
     }
   }
-  const int64_t N = weights[0][0].size(0), K = int4 ? w4[0].K : w8[0].K;
   check_x(x, K, "q_linear_grouped");
   const auto xf = as_float(x);
-  auto y = torch::empty({E, N}, xf.options());
+  auto y = torch::empty({E, n}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   constexpr int R = kDecodeRows;
-  const int64_t groups = (N + R - 1) / R;
+  const int64_t groups = (n + R - 1) / R;
   at::parallel_for(0, E * groups, 1, [&](int64_t i0, int64_t i1) {
     kvt::Floats scratch, acc;
     for (int64_t i = i0; i < i1; ++i) {  // one token: its activations are already in packed order
-      const int64_t e = i / groups, n0 = i % groups * R, nr = std::min<int64_t>(R, N - n0);
+      const int64_t e = i / groups, n0 = i % groups * R, nr = std::min<int64_t>(R, n - n0);
       const float* xe = xp + e * K;
       if (int4) {
-        row_group<R, 1>(w4[e], xe, xe, 0, 1, K, n0, nr, yp + e * N, N, nullptr, scratch, acc);
+        row_group<R, 1>(w4[e], xe, xe, 0, 1, K, n0, nr, yp + e * n, n, nullptr, scratch, acc);
       } else {
-        row_group<R, 1>(w8[e], xe, xe, 0, 1, K, n0, nr, yp + e * N, N, nullptr, scratch, acc);
+        row_group<R, 1>(w8[e], xe, xe, 0, 1, K, n0, nr, yp + e * n, n, nullptr, scratch, acc);
       }
     }
   });
