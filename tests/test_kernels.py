@@ -81,7 +81,7 @@ def test_linear_matches_torch(dtype, tokens, out_features, in_features, bias):
     x = torch.randn(tokens, in_features, generator=g).to(dtype)
     ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     direct = kernel.linear(x, pack_weight(w), out_features, b)
-    layer = CpuLinear(w, b, kernel)(x)  # kernel or GEMM, by token count
+    layer = CpuLinear(w, b, kernel)(x)  # the module on the same kernel
     assert direct.dtype == layer.dtype == dtype and direct.shape == layer.shape == ref.shape
     # float32: summation order only; bfloat16: one rounding of the output
     rtol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (8e-3, 1e-2)

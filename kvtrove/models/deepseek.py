@@ -79,6 +79,7 @@ class DeepseekAttention(nn.Module):
         H, N = self.num_heads, self.nope_dim
         w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.latent_dim)
         self.absorbed = pack_weight(w[:, :N].transpose(1, 2)), pack_weight(w[:, N:])
+        del self.kv_b_proj  # only the torch-ops path reads it: the absorbed copies replace it
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         T, H, N, P, R = x.shape[0], self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim

@@ -33,7 +33,7 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inter: int, top_k: int, leaves: tuple[str, str, str]):
         super().__init__()
-        self.top_k = top_k
+        self.num_experts, self.top_k = num_experts, top_k
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
         self.inter, self.hidden = inter, hidden
@@ -44,7 +44,7 @@ class Experts(nn.Module):
 
     def active_params(self) -> int:
         """Weights one token runs through (its `top_k` experts), for the recompute cost."""
-        return (self.w13[0].numel() + self.w2[0].numel()) * self.top_k
+        return 3 * self.inter * self.hidden * self.top_k
 
     def load_expert(self, expert: int, leaf: str, tensor: torch.Tensor) -> None:
         target, block = EXPERT_LEAVES[leaf]
@@ -69,8 +69,7 @@ class Experts(nn.Module):
         return F.linear(F.silu(gate) * up, self.w2[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        num_experts = self.packed[0].shape[0] if self.packed is not None else self.w13.shape[0]
-        return run_grouped(self.expert, num_experts, x, weights, chosen)
+        return run_grouped(self.expert, self.num_experts, x, weights, chosen)
 
 
 def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
