@@ -5,14 +5,16 @@ longest consecutive run of keys across the tiers (a chunk may sit in any of them
 decoded and verified (`kv.format`) before use, and a bad one is deleted from its tier, counted, and
 ends the run, so the rest is recomputed. A tier whose reads are slower than recomputing
 (`kv.breakeven`) is not read. Hits from a slower tier are copied into the faster ones; `prefetch`
-does that ahead of time for a queued request. New chunks are written through to every tier by one
-background thread (the caller never waits for a write); a chunk that the host tier evicts moves to
-the next tier instead of being lost.
+does that ahead of time for a queued request. Chunks are written by one background thread (the
+caller never waits for a write), to every tier or to the fastest only (the engine's write policy
+decides which, and when); a chunk that the host tier evicts moves to the next tier instead of being
+lost, and `sync_down` copies the host tier's chunks down while the engine is idle.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -67,6 +69,9 @@ class KVStore:
         self.dropped_writes = 0
         """Chunks not stored because `max_backlog_bytes` of writes were already queued."""
         self._backlog = Backlog(max_backlog_bytes)
+        self._down: OrderedDict[bytes, None] = OrderedDict()
+        """Keys written to the host tier only, oldest first, until `sync_down` copies them lower (the
+        writer thread's alone)."""
         self._origin: OrderedDict[bytes, str] = OrderedDict()
         """Chunks that prefetch copied up -> the tier they came from."""
         self._lock = threading.Lock()
@@ -81,32 +86,52 @@ class KVStore:
 
     # ---- reads -------------------------------------------------------------------------------------
 
-    def load(self, keys: Sequence[bytes], sink: Sink | None = None) -> list[LoadedChunk]:
-        """The chunks of the longest run of `keys`, from the first, that the tiers hold and that verify.
+    def find(self, keys: Sequence[bytes]) -> list[tuple[Tier, int]]:
+        """Where the longest stored run of `keys`, from the first, lies: (tier, count) runs in order, each
+        in the fastest tier that holds its first chunk (one lookup; `load` reads what it found)."""
+        runs: list[tuple[Tier, int]] = []
+        done = 0
+        while done < len(keys):
+            rest = keys[done:]
+            for tier in self.tiers:
+                n = tier.prefix_hits(rest)
+                if n:
+                    runs.append((tier, n))
+                    done += n
+                    break
+            else:
+                break
+        return runs
+
+    def load(
+        self, keys: Sequence[bytes], sink: Sink | None = None, runs: list[tuple[Tier, int]] | None = None
+    ) -> list[LoadedChunk]:
+        """The chunks of the longest run of `keys`, from the first, that the tiers hold and that verify
+        (`runs`: what `find` said of these keys, not asked again).
 
         `sink(i, chunk)` receives each chunk as soon as it is verified (copying it while its bytes are
         still in the CPU cache). Hits from slower tiers are copied into the faster ones in the
         background. A chunk that `prefetch` brought up is reported (and counted) as coming from the
         tier it was read from.
         """
-        out = self._load(keys, prefetching=False, sink=sink)
+        out = self._load(keys, prefetching=False, sink=sink, runs=runs)
         with self._lock:
             for c in out:
                 c.tier = self._origin.pop(c.header.key, c.tier)
                 self.tokens_loaded[c.tier] += c.header.shape[3]
         return out
 
-    def _load(self, keys: Sequence[bytes], prefetching: bool, sink: Sink | None = None) -> list[LoadedChunk | None]:
+    def _load(
+        self,
+        keys: Sequence[bytes],
+        prefetching: bool,
+        sink: Sink | None = None,
+        runs: list[tuple[Tier, int]] | None = None,
+    ) -> list[LoadedChunk | None]:
         """`load`; when `prefetching`, chunks already in the fastest tier are skipped (None) instead of read."""
         out: list[LoadedChunk] = []
-        while len(out) < len(keys):
+        for tier, n in self.find(keys) if runs is None else runs:
             rest = keys[len(out) :]
-            for tier in self.tiers:
-                n = tier.prefix_hits(rest)
-                if n:
-                    break
-            else:
-                return out
             if prefetching and tier is self.tiers[0]:  # already in the fastest tier: nothing to copy up
                 out.extend([None] * n)
                 continue
@@ -146,26 +171,30 @@ class KVStore:
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, some tier holds (without reading them)."""
-        n = 0
-        while n < len(keys):
-            step = max(tier.prefix_hits(keys[n:]) for tier in self.tiers) if self.tiers else 0
-            if not step:
-                break
-            n += step
-        return n
+        return sum(n for _, n in self.find(keys))
 
     # ---- writes (queued; one background thread) ----------------------------------------------------
 
-    def save(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
-        """Queue (header, kv, recompute cost) chunks for storing in every tier; returns at once. `kv` must
-        not change afterwards (pass a copy of device blocks)."""
+    def save(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]], first_tier_only: bool = False) -> None:
+        """Queue (header, kv, recompute cost) chunks for storing in every tier (`first_tier_only`: in the
+        fastest, whose evictions and `sync_down` move them down); returns at once. `kv` must not change
+        afterwards (pass a copy of device blocks)."""
         if not chunks or not self.tiers:
             return
         nbytes = sum(kv.nbytes for _, kv, _ in chunks)
         if not self._backlog.take(nbytes):  # the tiers cannot keep up: drop rather than grow without bound
             self.dropped_writes += len(chunks)
             return
-        self._jobs.put(functools.partial(_save, self.tiers, list(chunks), self._backlog, nbytes))
+        only_first = first_tier_only and len(self.tiers) > 1
+        tiers = self.tiers[:1] if only_first else self.tiers
+        down = self._down if only_first and isinstance(self.tiers[0], HostTier) else None
+        self._jobs.put(functools.partial(_save, tiers, list(chunks), self._backlog, nbytes, down))
+
+    def sync_down(self, still_idle: Callable[[], bool] = lambda: True) -> None:
+        """Queue copying the chunks that only the host tier holds into the tiers below, a batch at a time
+        for as long as `still_idle()` holds (the engine's idle time; a later call resumes)."""
+        if self.tiers and isinstance(self.tiers[0], HostTier) and len(self.tiers) > 1:
+            self._jobs.put(functools.partial(_sync_down, self._down, self.tiers[0], self.tiers[1:], still_idle))
 
     def flush(self) -> None:
         """Wait until every queued write is done."""
@@ -243,6 +272,20 @@ def _demote(jobs: queue.Queue, lower: Tier, key: bytes, value: bytes, cost: floa
     jobs.put(functools.partial(lower.put, [(key, value, cost)]))
 
 
+SYNC_BATCH = 16
+"""Chunks `sync_down` copies between two checks that the engine is still idle."""
+
+
+def _sync_down(down: OrderedDict, host: HostTier, lower: Sequence[Tier], still_idle: Callable[[], bool]) -> None:
+    while down and still_idle():
+        batch = list(itertools.islice(down, SYNC_BATCH))
+        items = [(k, *entry) for k, entry in zip(batch, host.entries(batch)) if entry is not None]
+        if items:  # (what the host tier evicted meanwhile has moved down already)
+            _put_all(lower, items)
+        for k in batch:
+            down.pop(k, None)
+
+
 def _put_all(tiers: Sequence[Tier], items: list[tuple[bytes, bytes, float]]) -> None:
     for tier in tiers:
         tier.put(items)
@@ -267,9 +310,20 @@ class Backlog:
             self.bytes -= n
 
 
-def _save(tiers: Sequence[Tier], chunks: list[tuple[ChunkHeader, torch.Tensor, float]], backlog: Backlog, n: int):
+def _save(
+    tiers: Sequence[Tier],
+    chunks: list[tuple[ChunkHeader, torch.Tensor, float]],
+    backlog: Backlog,
+    n: int,
+    down: OrderedDict | None,
+):
     try:
         _store_all(tiers, chunks)
+        if down is not None:
+            for h, _, _ in chunks:
+                down[h.key] = None
+            while len(down) > MAX_ORIGINS:  # unsynced for that long: the host tier's evictions move them
+                down.popitem(last=False)
     finally:
         backlog.give(n)
 

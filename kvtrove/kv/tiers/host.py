@@ -64,6 +64,12 @@ class HostTier(Tier):
             for key, value, cost in evicted:
                 self.on_evict(key, value, cost)
 
+    def entries(self, keys: Sequence[bytes]) -> list[tuple[bytes, float] | None]:
+        """(value, recompute cost) per key, None where absent; neither a hit nor a touch (the store's own
+        housekeeping)."""
+        with self._lock:
+            return [self._data.get(key) for key in keys]
+
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         with self._lock:
             return [key in self._data for key in keys]
