@@ -116,6 +116,10 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
 
+WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
+"""When device KV blocks reach the store (SGLang HiCache's names); `CacheConfig.kv_write_policy`."""
+
+
 @dataclass
 class CacheConfig:
     block_size: int = opt(16, "Tokens per KV block; also the unit of prefix caching.")
@@ -128,6 +132,13 @@ class CacheConfig:
     kv_disk_dir: str | None = opt(None, "Directory of the disk tier (shareable by engines); None -> <cache dir>/kv.")
     kv_disk_gb: float = opt(20.0, "Disk space for stored KV chunks; 0 turns the disk tier off.")
     eviction: str = opt("lru", "Store eviction policy: lru or cost, or per tier, e.g. host=cost,disk=lru.")
+    kv_write_policy: str = opt(
+        "write_back",
+        "When device KV blocks are written to the store: write_back (when the device pool evicts them, to "
+        "the first tier; on down when that tier evicts them, the engine is idle, or at close), "
+        "write_through (every new block at once, to every tier), write_through_selective (write_back, "
+        "and a block at once to every tier when a later request reuses it).",
+    )
     kv_remote: str | None = opt(
         None,
         "A KV pool shared by engines, below disk: redis://[:password@]host:port/db, rediss:// (TLS), "
@@ -167,6 +178,8 @@ class CacheConfig:
                     f"eviction must be one of {POLICIES} or per tier like 'host=cost,disk=lru', got {self.eviction!r}"
                 )
         self.eviction = self.eviction.replace(" ", "")
+        if self.kv_write_policy not in WRITE_POLICIES:
+            raise ValueError(f"kv_write_policy must be one of {WRITE_POLICIES}, got {self.kv_write_policy!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

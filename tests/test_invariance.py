@@ -120,6 +120,7 @@ def check_matrix(path: str, quantize: str, lengths: list[int], vocab: int, tmp_p
     stored = engine(path, tmp_path, quantize=quantize, dtype=dtype, num_blocks=256)
     assert_same(run(stored, prompts), want, "with the KV store on")
     assert_same(run(stored, prompts), want, "prompts from the device cache")
+    stored.engine.flush_kv()
     stored.engine.pool.reset_cache()
     host = stored.generate([{"prompt_token_ids": prompts[0]}], PARAMS)[0]
     tap(stored).rows.clear()

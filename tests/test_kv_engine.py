@@ -37,7 +37,7 @@ def engine(smollm_path, disk: Path | None, host_gb: float = 0.5, **kw) -> LLM:
 
 
 def forget_device(llm: LLM) -> None:
-    llm.engine.store.flush()
+    llm.engine.flush_kv()
     llm.engine.pool.reset_cache()
 
 
@@ -59,8 +59,10 @@ def reference(smollm_path):
         dict(host_gb=0, disk=True),
         dict(host_gb=0.5, disk=True, eviction="cost"),
         dict(host_gb=0.003, disk=True, eviction="host=cost,disk=lru"),  # a host tier of ~4 chunks
+        dict(host_gb=0.5, disk=True, kv_write_policy="write_through"),
+        dict(host_gb=0.003, disk=True, kv_write_policy="write_through_selective"),
     ],
-    ids=["host", "disk", "host+disk-cost", "tiny-host+disk"],
+    ids=["host", "disk", "host+disk-cost", "tiny-host+disk", "write-through", "selective"],
 )
 def test_greedy_output_equals_caching_off(smollm_path, reference, tmp_path, tiers):
     disk = tmp_path / "kv" if tiers.pop("disk") else None
@@ -247,7 +249,7 @@ outs = []
 for round in range(3):
     for prompt in prompts:
         outs.append(llm.generate(prompt, p)[0].token_ids)
-    llm.engine.store.flush()
+    llm.engine.flush_kv()
     llm.engine.pool.reset_cache()
 llm.close()
 print(json.dumps(outs))
@@ -285,7 +287,7 @@ def test_capacity_limits_hold_under_a_larger_workload(smollm_path, tmp_path):
     params = SamplingParams(temperature=0, max_tokens=1)
     for i in range(12):  # ~12 x 12 chunks: about 100 MB of KV, 8x the disk tier
         llm.generate(f"Note {i}: " + DOC * 3, params)
-        llm.engine.store.flush()
+        llm.engine.flush_kv()
         st = llm.cache_stats()
         assert st["host"]["bytes"] <= host_bytes and st["disk"]["bytes"] <= disk_bytes
     st = llm.cache_stats()
@@ -338,5 +340,113 @@ def test_store_options_are_validated():
         CacheConfig(eviction="host=cost,gpu=lru")
     with pytest.raises(ValueError, match="kv_host_gb"):
         CacheConfig(kv_host_gb=-1)
+    with pytest.raises(ValueError, match="kv_write_policy must be one of"):
+        CacheConfig(kv_write_policy="write_around")
     c = CacheConfig(eviction="host=cost, disk=lru")
     assert c.eviction_for("host") == "cost" and c.eviction_for("disk") == "lru"
+
+
+def _chunks(disk: Path) -> int:
+    return len(list(disk.rglob("*" + SUFFIX)))
+
+
+def test_write_back_writes_nothing_until_the_pool_evicts(smollm_path, reference, tmp_path):
+    disk = tmp_path / "kv"
+    llm = engine(smollm_path, disk, num_blocks=256)  # the three prompts fit the device pool
+    outs = llm.generate(PROMPTS, GREEDY)
+    llm.engine.store.flush()
+    st = llm.cache_stats()
+    assert st["host"]["entries"] == 0 and _chunks(disk) == 0  # the store did no work
+    assert [o.token_ids for o in outs] == reference
+    held = len(llm.engine.pool.cached)
+    llm.close()  # a clean close writes what the device holds, through to disk
+    assert _chunks(disk) == held > 5
+    with engine(smollm_path, disk, num_blocks=256) as again:
+        warm = again.generate(PROMPTS[0], GREEDY)[0]
+        assert warm.token_ids == reference[0] and warm.cached_tokens_by_tier["disk"] == full_blocks(warm)
+
+
+def test_write_back_moves_evicted_blocks_to_host_then_disk_when_idle(smollm_path, tmp_path):
+    disk = tmp_path / "kv"
+    llm = engine(smollm_path, disk, num_blocks=12)  # each prompt evicts the one before it
+    notes = [f"Note {i}: " + DOC * 3 for i in range(3)]
+    llm.generate(notes, GREEDY)
+    llm.engine.store.flush()  # evicted blocks went to the host tier; the idle engine copied them to disk
+    host = llm.engine.store.tiers[0]
+    assert host.stats().entries > 0
+    assert _chunks(disk) == host.stats().entries
+    llm.close()
+
+
+def test_write_through_stores_every_block_at_once(smollm_path, tmp_path):
+    disk = tmp_path / "kv"
+    llm = engine(smollm_path, disk, num_blocks=256, kv_write_policy="write_through")
+    out = llm.generate(PROMPTS[0], GREEDY)[0]
+    llm.engine.store.flush()
+    computed = out.prompt_tokens + len(out.outputs[0].token_ids) - 1  # the last token's KV is not computed
+    assert llm.cache_stats()["host"]["entries"] == _chunks(disk) == computed // BS
+    llm.close()
+
+
+def test_selective_write_through_stores_what_is_reused(smollm_path, tmp_path):
+    disk = tmp_path / "kv"
+    llm = engine(smollm_path, disk, num_blocks=256, kv_write_policy="write_through_selective")
+    llm.generate(PROMPTS[2], GREEDY)
+    llm.engine.store.flush()
+    assert _chunks(disk) == 0  # computed once: not yet worth a write
+    again = llm.generate(PROMPTS[2] + " Because.", GREEDY)[0]  # reuses the first prompt's blocks
+    llm.engine.store.flush()
+    assert again.cached_tokens_by_tier["device"] > 0
+    assert _chunks(disk) == again.cached_tokens_by_tier["device"] // BS
+    llm.close()
+
+
+KILLED = """
+import itertools, sys
+from kvtrove import LLM, SamplingParams
+doc, disk, policy = sys.argv[1:4]
+llm = LLM(num_blocks=48, kv_host_gb=0.003, kv_disk_dir=disk, kv_disk_gb=0.5, kv_write_policy=policy)
+p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+for i in itertools.count():
+    llm.generate(f"Entry {i}: " + doc * 3, p)
+"""
+
+
+@pytest.mark.parametrize("policy", ["write_back", "write_through", "write_through_selective"])
+def test_sigkill_during_writes_leaves_no_torn_chunk(smollm_path, tmp_path, policy):
+    import signal
+
+    import torch
+
+    from kvtrove.kv.format import decode
+
+    disk = tmp_path / "kv"
+    env = dict(os.environ, KVTROVE_MODEL=smollm_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, DOC, str(disk), policy],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _chunks(disk) < 24:  # writes are under way
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the engine wrote too few chunks"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    files = list(disk.rglob("*" + SUFFIX))
+    first = "Entry 0: " + DOC * 3
+    with engine(smollm_path, disk, num_blocks=96, host_gb=0) as restarted:
+        fp = restarted.engine.fingerprint
+        for f in files:  # every chunk whole: its checksum, key and layout verify
+            decode(f.read_bytes(), bytes.fromhex(f.stem), fp, torch.float32, restarted.engine.runner.block_shape(
+                restarted.engine.model, BS), checksum=True)
+        got = restarted.generate(first, GREEDY)[0]
+        assert got.cached_tokens_by_tier["disk"] > 0  # the killed engine's blocks serve the restart
+    with engine(smollm_path, None, num_blocks=96, host_gb=0, enable_prefix_caching=False) as cold:
+        assert got.token_ids == cold.generate(first, GREEDY)[0].token_ids

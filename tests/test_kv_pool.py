@@ -54,7 +54,7 @@ def full_blocks(out) -> int:
 
 def forget_local(llm: LLM) -> None:
     """Drop what this engine holds itself (device blocks and its host tier), keeping the pool."""
-    llm.engine.store.flush()
+    llm.engine.flush_kv()
     llm.engine.pool.reset_cache()
     host = llm.engine.store.tiers[0]
     if host.name == "host":
@@ -177,7 +177,7 @@ def test_engine_b_serves_what_engine_a_computed(smollm_path, reference, valkey):
         assert first.token_ids == reference[0]
         assert first.cached_tokens_by_tier["redis"] == full_blocks(first) > 200
         # a remote hit is kept in the local tiers: the next time it comes from DRAM
-        b.engine.store.flush()
+        b.engine.flush_kv()
         b.engine.pool.reset_cache()
         again = b.generate(PROMPTS[0], GREEDY)[0]
         assert again.token_ids == reference[0]
@@ -289,5 +289,5 @@ def test_bad_value_under_a_valid_key_is_rejected(smollm_path, reference, valkey,
         assert tier.stats().rejected == 1
         assert sum(llm.engine.store.rejected.values()) == 1
         assert any(r in llm.engine.store.rejected for r in reason.split("|")), dict(llm.engine.store.rejected)
-        llm.engine.store.flush()
+        llm.engine.flush_kv()
         assert raw.get(full[2]) not in (bad, None)  # deleted from the pool, then the recomputed chunk written

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class Block:
@@ -61,6 +61,9 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, Block] = {}
+        self.on_evict: Callable[[list[tuple[int, bytes]]], None] | None = None
+        """Told (block id, key) of cached blocks `allocate` is about to hand out again, while their KV is
+        still intact (the KV manager writes them back to the store)."""
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,14 +85,17 @@ class BlockPool:
     def allocate(self, n: int) -> list[Block]:
         if n > len(self.free):
             raise RuntimeError(f"asked for {n} KV blocks, {len(self.free)} free")
-        out = []
+        out, evicted = [], []
         for _ in range(n):
             b = self.free.popleft()
             if b.key is not None:
+                evicted.append((b.block_id, b.key))
                 del self.cached[b.key]
                 b.key = b.token_ids = None
             b.ref_cnt = 1
             out.append(b)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
         return out
 
     def release(self, blocks: Iterable[Block]) -> None:

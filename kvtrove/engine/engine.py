@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
 import time
+import weakref
 
 import torch
 import xxhash
@@ -62,6 +64,12 @@ def build_store(
     return KVStore(tiers, fingerprint, dtype, break_even, shape=shape)
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
+
+
 def recompute_cost(model: torch.nn.Module) -> RecomputeCost:
     """Prefill FLOPs per token: 2 per weight of the decoder layers' linear layers (of MoE experts, those a
     token runs through), and each attention layer's `context_flops` for each earlier token attended to."""
@@ -115,9 +123,11 @@ class Engine:
         self.pool = BlockPool(num_blocks, cc.enable_prefix_caching)
         self.break_even = BreakEven(per_block // cc.block_size)
         self.store = build_store(cc, self.fingerprint, dtype, block_shape, self.break_even)
-        kv = KVCacheManager(self.pool, cc.block_size, self.fingerprint, self.store, self.runner, cost)
+        kv = KVCacheManager(self.pool, cc.block_size, self.fingerprint, self.store, self.runner, cost, cc.kv_write_policy)
         self.scheduler = Scheduler(config.scheduler, kv)
         self._closed = False
+        if self.store is not None:  # interpreter exit closes an engine still open: its blocks reach the store
+            atexit.register(_close_at_exit, weakref.ref(self))
         self.groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
         log.info(
@@ -209,6 +219,13 @@ class Engine:
         for r in self.groups.pop(request_id, []):
             if not r.finished:
                 self.scheduler.finish(r, "abort")
+        self._sync_if_idle()
+
+    def _sync_if_idle(self) -> None:
+        """With nothing left to run, the store copies its host-only chunks down until work arrives."""
+        if self.store is not None and not self.scheduler.has_work():
+            scheduler = self.scheduler
+            self.store.sync_down(lambda: not scheduler.has_work())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -220,13 +237,20 @@ class Engine:
             out.update(self.store.stats())
         return out
 
+    def flush_kv(self) -> None:
+        """Write every KV block the device cache holds and the store lacks, and wait for the writes."""
+        self.scheduler.kv.flush()
+
     def close(self) -> None:
-        """Finish the store's pending writes, stop its threads, and add this engine's store counters to
-        the disk tier's lifetime totals (`kvtrove cache stats`). Pending writes are also finished at
-        interpreter exit."""
+        """Write every block the device cache holds and the store lacks to every tier (and the host
+        tier's chunks to the tiers below), stop the store's threads, and add this engine's store
+        counters to the disk tier's lifetime totals (`kvtrove cache stats`). Interpreter exit does the
+        same for an engine still open."""
         if self.store is None or self._closed:
             return
         self._closed = True
+        self.scheduler.kv.flush()
+        self.store.sync_down()
         self.store.close()
         if any(isinstance(t, DiskTier) for t in self.store.tiers):
             ledger.add(self.config.cache.kv_disk_dir, self.store.stats())
@@ -249,6 +273,7 @@ class Engine:
         changed = {r.request_id for r in sampled}
         for i, r in enumerate(sampled):
             self._append(r, result.token_ids[i], None if result.logprobs is None else result.logprobs[i])
+        self._sync_if_idle()
         return [self._output(rid) for rid in changed if rid in self.groups]
 
     def _append(self, r: Request, token: int, logprobs: dict[int, float] | None) -> None:

@@ -1,5 +1,7 @@
 """The scheduler's view of KV: find a request's reusable prefix (device blocks, then the store), grow
-its block table, free it, and write newly computed full blocks to the store."""
+its block table, free it, and write the full blocks it computed to the store when the write policy
+says (`config.WRITE_POLICIES`): at once (write_through), when the device pool evicts them or at
+`flush` (write_back), or also when a later request reuses them (write_through_selective)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class KVCacheManager:
         store: KVStore | None = None,
         device: DeviceBlocks | None = None,
         cost: RecomputeCost | None = None,
+        write_policy: str = "write_back",
     ):
         """`device` moves KV between the store and the device cache (needed with a store)."""
         self.pool = pool
@@ -55,6 +58,12 @@ class KVCacheManager:
         self.write_block = device.write_block if device is not None else None
         self.cost = cost or RecomputeCost(1.0, 0.0)
         self.tier_names = [t.name for t in self.store.tiers] if self.store is not None else []
+        self.write_policy = write_policy
+        self._unsaved: dict[int, tuple[bytes, bytes, int, tuple[int, ...]]] = {}
+        """Device blocks computed here and not yet in the store, by block id: (key, parent key, index in
+        its sequence, token ids). A block handed out again under another key is no longer it."""
+        if self.store is not None and self.read_blocks is not None:
+            pool.on_evict = self._write_back
 
     def _extend_keys(self, req: Request, num_tokens: int) -> None:
         bs = self.block_size
@@ -82,6 +91,8 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
+        if self.write_policy == "write_through_selective" and self._unsaved:  # reused: worth keeping
+            self._save([b.block_id for b in hits], to_all=True)
         return hits
 
     def load_stored(self, req: Request, cached: list[Block], max_new_tokens: int) -> tuple[list[Block], list[str]]:
@@ -92,7 +103,8 @@ class KVCacheManager:
         if self.store is None:
             return [], []
         keys = self._reusable_keys(req)[len(cached) :]
-        n = self.store.prefix_hits(keys) if keys else 0
+        runs = self.store.find(keys) if keys else []
+        n = sum(count for _, count in runs)
         if not n:
             return [], []
         rest = req.num_tokens - req.num_computed_tokens - (len(cached) + n) * self.block_size
@@ -105,7 +117,7 @@ class KVCacheManager:
         def copy_in(i: int, chunk: LoadedChunk) -> None:
             self.write_block(blocks[i].block_id, chunk.kv)
 
-        chunks = self.store.load(keys[:n], sink=copy_in)
+        chunks = self.store.load(keys[:n], sink=copy_in, runs=runs)
         first = len(cached)
         good = 0
         for j, c in enumerate(chunks):  # the token ids guard against hash collisions
@@ -145,8 +157,8 @@ class KVCacheManager:
         return True
 
     def register_full_blocks(self, req: Request) -> None:
-        """Make every block filled by computed tokens findable for later requests, and store the ones this
-        request computed itself."""
+        """Make every block filled by computed tokens findable for later requests; the ones this request
+        computed itself go to the store now (write_through) or wait for `_write_back` / `flush`."""
         if not self.pool.enable_caching:
             return
         full = req.num_computed_tokens // self.block_size
@@ -156,28 +168,50 @@ class KVCacheManager:
             b = req.blocks[i]
             if b.key is None and self.pool.register(b, req.block_keys[i], self._block_tokens(req, i)):
                 new.append(i)
-        if self.store is not None and self.read_blocks is not None:
-            self._save(req, [i for i in new if i >= req.num_reused_blocks])
+        if self.store is None or self.read_blocks is None:
+            return
+        for i in new:
+            if i >= req.num_reused_blocks:
+                parent = req.block_keys[i - 1] if i else self.fingerprint
+                self._unsaved[req.blocks[i].block_id] = (req.block_keys[i], parent, i, self._block_tokens(req, i))
+        if self.write_policy == "write_through":
+            self._save([req.blocks[i].block_id for i in new], to_all=True)
 
     def free(self, req: Request) -> None:
         self.pool.release(reversed(req.blocks))
         req.blocks = []
 
-    def _save(self, req: Request, indices: list[int]) -> None:
-        if not indices:
+    def flush(self) -> None:
+        """Write every block the device cache holds and the store lacks (clean close, interpreter exit),
+        and wait until the store has written everything queued."""
+        if self.store is None:
             return
-        kv = self.read_blocks([req.blocks[i].block_id for i in indices])
+        live = [bid for bid, (key, *_) in self._unsaved.items() if self.pool.blocks[bid].key == key]
+        self._save(live, to_all=True)
+        self._unsaved.clear()
+        self.store.flush()
+
+    def _write_back(self, evicted: list[tuple[int, bytes]]) -> None:
+        """The pool is about to reuse these cached blocks: their KV goes to the store's fastest tier first."""
+        self._save([bid for bid, key in evicted if self._unsaved.get(bid, (None,))[0] == key], to_all=False)
+
+    def _save(self, block_ids: list[int], to_all: bool) -> None:
+        """Queue the unsaved ones of `block_ids` for the store (copied now: the pool may reuse them)."""
+        todo = [(bid, self._unsaved.pop(bid)) for bid in block_ids if bid in self._unsaved]
+        if not todo:
+            return
+        kv = self.read_blocks([bid for bid, _ in todo])
         dtype = str(kv.dtype).removeprefix("torch.")
         chunks = []
-        for j, i in enumerate(indices):
+        for j, (_, (key, parent, i, token_ids)) in enumerate(todo):
             part = kv[:, :, :, j]
             header = ChunkHeader(
-                key=req.block_keys[i],
-                parent=req.block_keys[i - 1] if i else self.fingerprint,
+                key=key,
+                parent=parent,
                 fingerprint=self.fingerprint,
                 dtype=dtype,
                 shape=tuple(part.shape),
-                token_ids=self._block_tokens(req, i),
+                token_ids=token_ids,
             )
             chunks.append((header, part, self.cost.of_block(i * self.block_size, self.block_size)))
-        self.store.save(chunks)
+        self.store.save(chunks, first_tier_only=not to_all)
