@@ -14,7 +14,7 @@
 // slots [B, L]; lens [B]. -> [B, H, Dv]
 // prefill_attention: q [n, H, D] of the last n positions of a context k [L, K, D], v [L, K, Dv] (float32).
 // MLA passes its latent cache as the keys and a view of its first Dv numbers as the values.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -5,7 +5,8 @@
 // At 135M parameters a decode step's Python work costs as much as a third of its kernels.
 // Built once per model by `engine/fused_decode.py` from the modules' own tensors; decode steps of few
 // tokens only (the kernels' range); everything else runs the modules.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/types.h>
 
 #include <optional>
 #include <tuple>

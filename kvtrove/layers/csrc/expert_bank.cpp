@@ -1,4 +1,6 @@
 // Python binding of ExpertBank (expert_bank.h).
+#include <torch/csrc/utils/pybind.h>
+
 #include "expert_bank.h"
 
 void bind_expert_bank(pybind11::module& m) {

@@ -6,7 +6,7 @@
 // one-call decode step (`decode_stack.cpp`) holds the same object.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <numeric>

@@ -20,7 +20,7 @@
 // Prefill runs blocks of tokens (kept in L2) over slices of a few panels' columns (kept in L1); a decode
 // step's one or two tokens run more panels at once, to keep enough chains in flight. Threads own equal
 // shares of the panels.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

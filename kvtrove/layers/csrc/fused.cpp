@@ -2,7 +2,7 @@
 // layer's matmuls take tens of microseconds, and a chain of ~30 small torch ops around them costs as
 // much again; these three kernels replace that chain. Math in float32, rounding to the tensor dtype
 // where Hugging Face's Llama rounds (so float32 results equal the torch path up to summation order).
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -1,7 +1,7 @@
 // The kernels every translation unit may call: one declaration each (definitions in their own files).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                            torch::Tensor lens, double scale, int64_t window);

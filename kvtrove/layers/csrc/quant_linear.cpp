@@ -21,7 +21,7 @@
 // the block, and the tokens are interleaved likewise once per call, so the micro-kernel reads two
 // sequential streams: prefill runs at arithmetic speed and decode at the weights' read speed. Items (row
 // group, token block) are independent; which thread runs one never changes its numbers.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
