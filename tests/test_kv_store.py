@@ -72,6 +72,24 @@ def test_writes_go_through_and_host_evictions_move_down(tmp_path):
     s.close()
 
 
+def test_host_only_writes_reach_disk_by_eviction_or_sync_down(tmp_path):
+    sizes = [len(encode(*chunk(i))) for i in range(8)]
+    s = store(tmp_path, host_bytes=3 * max(sizes))  # the host holds three chunks
+    s.save([(*chunk(i), 0.0) for i in range(8)], first_tier_only=True)
+    s.flush()
+    host, disk = s.tiers
+    assert disk.exists(keys(8)) == [True] * 5 + [False] * 3  # the host's evictions moved down, nothing else
+    assert len(s._down) == 3  # what the host evicted is no longer waiting for sync_down
+    s.sync_down(lambda: False)  # not idle: nothing moves
+    s.flush()
+    assert disk.exists(keys(8))[5:] == [False] * 3
+    s.sync_down()
+    s.flush()
+    assert disk.exists(keys(8)) == [True] * 8 and host.exists(keys(8))[5:] == [True] * 3 and not s._down
+    assert len(s.load(keys(8))) == 8
+    s.close()
+
+
 def test_prefetch_copies_disk_hits_into_host(tmp_path):
     s = KVStore([HostTier(10**6), DiskTier(tmp_path, 10**6)], FP, torch.float32)
     s.tiers[1].put([(h.key, encode(h, kv), 0.0) for h, kv in (chunk(i) for i in range(4))])

@@ -70,15 +70,15 @@ class KVStore:
         """Chunks not stored because `max_backlog_bytes` of writes were already queued."""
         self._backlog = Backlog(max_backlog_bytes)
         self._down: OrderedDict[bytes, None] = OrderedDict()
-        """Keys written to the host tier only, oldest first, until `sync_down` copies them lower (the
-        writer thread's alone)."""
+        """Keys written to the host tier only, oldest first, until `sync_down` copies them lower or the
+        host tier evicts them (which moves them down); the writer thread's alone."""
         self._origin: OrderedDict[bytes, str] = OrderedDict()
         """Chunks that prefetch copied up -> the tier they came from."""
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         for upper, lower in zip(self.tiers, self.tiers[1:]):
             if isinstance(upper, HostTier):
-                upper.on_evict = functools.partial(_demote, self._jobs, lower)
+                upper.on_evict = functools.partial(_demote, self._jobs, lower, self._down)
         self._writer = threading.Thread(target=_write_loop, args=(self._jobs,), name="kvtrove-kv-writer", daemon=True)
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvtrove-kv-prefetch")
@@ -268,7 +268,8 @@ def _shut_down(jobs: queue.Queue, writer: threading.Thread, reader: ThreadPoolEx
         tier.close()
 
 
-def _demote(jobs: queue.Queue, lower: Tier, key: bytes, value: bytes, cost: float) -> None:
+def _demote(jobs: queue.Queue, lower: Tier, down: OrderedDict, key: bytes, value: bytes, cost: float) -> None:
+    down.pop(key, None)  # moving down now: nothing left for sync_down (so `down` never outgrows the host tier)
     jobs.put(functools.partial(lower.put, [(key, value, cost)]))
 
 
@@ -318,12 +319,10 @@ def _save(
     down: OrderedDict | None,
 ):
     try:
-        _store_all(tiers, chunks)
-        if down is not None:
+        if down is not None:  # first: the host tier's evictions during the put take theirs off again
             for h, _, _ in chunks:
                 down[h.key] = None
-            while len(down) > MAX_ORIGINS:  # unsynced for that long: the host tier's evictions move them
-                down.popitem(last=False)
+        _store_all(tiers, chunks)
     finally:
         backlog.give(n)
 
