@@ -169,10 +169,6 @@ class KVStore:
                 found[i] = found[i] or present
         return found
 
-    def prefix_hits(self, keys: Sequence[bytes]) -> int:
-        """How many of `keys`, from the first, some tier holds (without reading them)."""
-        return sum(n for _, n in self.find(keys))
-
     # ---- writes (queued; one background thread) ----------------------------------------------------
 
     def save(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]], first_tier_only: bool = False) -> None:
