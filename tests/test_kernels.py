@@ -178,6 +178,8 @@ def test_fused_silu_mul_matches_torch(dtype):
         (200, 200, 4, 1, 64, 50),  # sliding window inside the prompt
         (70, 170, 4, 4, 64, 33),  # window and a cached prefix
         (1, 9, 2, 1, 16, 0),  # one token
+        (16, 1000, 9, 3, 64, 0),  # few tokens over a long context: small token blocks
+        (16, 1000, 4, 1, 64, 300),  # the same within a window
     ],
 )
 def test_prefill_attention_matches_torch_sdpa(n, L, H, K, D, window):
@@ -199,6 +201,28 @@ def test_prefill_attention_matches_torch_sdpa(n, L, H, K, D, window):
     assert (got - ref).abs().max() < 1e-5, (got - ref).abs().max()
     ctx = kernel.prefill_attention(q, k.transpose(0, 1).contiguous().transpose(0, 1), v.clone(), 0.3, window)
     assert torch.allclose(ctx, got, atol=1e-7)  # head-major context (the gathered cache) reads the same
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_reads_the_paged_cache_in_place(dtype):
+    """With slots, the context is read where the cache holds it: the numbers of a gathered copy, widened
+    from bf16 exactly; and a few tokens over a long context (keys split across threads) get the same
+    bits as the same tokens at the end of a long prefill (one item per token block)."""
+    kernel = cpu_kernels()
+    torch.manual_seed(0)
+    S, L, H, K, D = 3000, 1100, 6, 1, 64
+    k_cache, v_cache = torch.randn(K, S, D).to(dtype), torch.randn(K, S, D).to(dtype)  # head-major, as bound
+    slots = torch.randperm(S)[:L]
+    q = torch.randn(200, H, D)
+    k_ctx = k_cache.index_select(1, slots).transpose(0, 1).float()
+    v_ctx = v_cache.index_select(1, slots).transpose(0, 1).float()
+    want = kernel.prefill_attention(q, k_ctx, v_ctx, 0.2, 0)
+    got = kernel.prefill_attention(q, k_cache.transpose(0, 1), v_cache.transpose(0, 1), 0.2, 0, slots)
+    assert torch.equal(got, want)
+    few = kernel.prefill_attention(q[-16:], k_cache.transpose(0, 1), v_cache.transpose(0, 1), 0.2, 0, slots)
+    assert torch.equal(few, want[-16:])
+    with pytest.raises(RuntimeError, match="slot outside"):
+        kernel.prefill_attention(q, k_cache.transpose(0, 1), v_cache.transpose(0, 1), 0.2, 0, slots + S)
 
 
 def test_prefill_attention_rejects_bad_shapes():

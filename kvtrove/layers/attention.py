@@ -73,10 +73,9 @@ class PagedAttention(nn.Module):
             qp = q[p.start : p.start + p.length]  # [n, H, D]
             if p.context_slots is None:
                 kp, vp = k[p.start : p.start + p.length], v[p.start : p.start + p.length]  # [n, K, D]
-            else:  # [L, K, D] views of the gathered context
-                kp = k_cache.index_select(1, p.context_slots).transpose(0, 1)
-                vp = v_cache.index_select(1, p.context_slots).transpose(0, 1)
-            out[p.start : p.start + p.length] = self._prefill(qp, kp, vp, p.mask)
+            else:  # the whole cache seen slot-major, [S, K, D]; the context is its rows p.context_slots
+                kp, vp = k_cache.transpose(0, 1), v_cache.transpose(0, 1)
+            out[p.start : p.start + p.length] = self._prefill(qp, kp, vp, p.mask, p.context_slots)
         return out.flatten(1)
 
     def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
@@ -116,14 +115,20 @@ class PagedAttention(nn.Module):
         out = torch.matmul(scores.softmax(-1), v)  # [K, B, G, D]
         return out.transpose(0, 1).reshape(B, K * G, D).to(k_cache.dtype)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q [n, H, D] of the last n positions of a context of L, k/v [L, K, D]; `mask` [n, L] (None: plain
-        causal) is causal within the sliding window, which the C++ kernel derives from the positions. The
-        kernel computes in float32 with the decode kernel's arithmetic (a token's output is the same
-        whether it is prefilled or decoded); bf16 inputs are widened for it, which is exact."""
-        if self.kernels is not None and q.dtype in (torch.float32, torch.bfloat16):
-            out = self.kernels.prefill_attention(q.float(), k.float(), v.float(), self.scale, self.sliding_window or 0)
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q [n, H, D] of the last n positions of a context of L; k/v [L, K, D], or with `slots` [L] the
+        rows of k/v [S, K, D] that hold the context (the kernel reads them in place); `mask` [n, L] (None:
+        plain causal) is causal within the sliding window, which the C++ kernel derives from the
+        positions. The kernel computes in float32 with the decode kernel's arithmetic (a token's output is
+        the same whether it is prefilled or decoded); bf16 keys and values are widened as read, which is
+        exact."""
+        if self.kernels is not None and k.dtype in (torch.float32, torch.bfloat16):
+            out = self.kernels.prefill_attention(q.float(), k, v, self.scale, self.sliding_window or 0, slots)
             return out.to(q.dtype)
+        if slots is not None:
+            k, v = k.index_select(0, slots), v.index_select(0, slots)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             k.transpose(0, 1).unsqueeze(0),

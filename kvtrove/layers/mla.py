@@ -44,16 +44,18 @@ class LatentAttention(nn.Module):
         if nd:
             out[:nd] = self._decode(q[:nd], cache, meta)
         for p in meta.prefills:
+            if self.kernels is not None:  # the decode kernel's arithmetic (layers/csrc/attention.cpp)
+                # one key head, [L, 1, R + P] (or the whole cache, read at the context's slots); values are
+                # the first R numbers of each key row
+                ctx = (rows[p.start : p.start + p.length] if p.context_slots is None else cache)[:, None]
+                qp = q[p.start : p.start + p.length].float()
+                o = self.kernels.prefill_attention(qp, ctx, ctx[..., : self.latent_dim], self.scale, 0, p.context_slots)
+                out[p.start : p.start + p.length] = o.to(out.dtype)
+                continue
             if p.context_slots is None:
                 ctx = rows[p.start : p.start + p.length]
             else:
                 ctx = cache.index_select(0, p.context_slots)  # [L, R + P]
-            if self.kernels is not None:  # the decode kernel's arithmetic (layers/csrc/attention.cpp)
-                ctx = ctx.float()[:, None]  # [L, 1, R + P]: one key head; values are its first R numbers
-                qp = q[p.start : p.start + p.length].float()
-                o = self.kernels.prefill_attention(qp, ctx, ctx[..., : self.latent_dim], self.scale, 0)
-                out[p.start : p.start + p.length] = o.to(out.dtype)
-                continue
             qp = q[p.start : p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, R + P]
             k = ctx[None, None]
             v = k[..., : self.latent_dim]

@@ -12,7 +12,10 @@
 //
 // paged_decode: q [B, H, D]; k_cache [K, S, D] (head-major slots), v_cache [K, S, Dv] (any slot stride);
 // slots [B, L]; lens [B]. -> [B, H, Dv]
-// prefill_attention: q [n, H, D] of the last n positions of a context k [L, K, D], v [L, K, Dv] (float32).
+// prefill_attention: q [n, H, D] (float32) of the last n positions of a context of L keys and values
+// (float32 or bfloat16): k [L, K, D] and v [L, K, Dv], or with `slots` [L] the rows slots[t] of k [S, K, D]
+// and v [S, K, Dv] (the paged cache seen slot-major, read in place: no gathered copy). -> [n, H, Dv]
+// float32.
 // MLA passes its latent cache as the keys and a view of its first Dv numbers as the values.
 #include <torch/types.h>
 #include <ATen/Parallel.h>
@@ -311,61 +314,139 @@ void decode_kernel(const float* q, const T* kc, const T* vc, const int64_t* slot
   });
 }
 
+template <typename T>
 struct Views {
-  const float *q, *k, *v;
-  int64_t qs_t, qs_h, ks_t, ks_h, vs_t, vs_h;  // strides (elements) over tokens and heads
+  const float* q;
+  const T *k, *v;
+  const int64_t* slots;  // key position t lies in row slots[t] of k and v (nullptr: row t)
+  int64_t qs_t, qs_h, ks_t, ks_h, vs_t, vs_h;  // strides (elements) over tokens (rows) and heads
   int64_t n, L, H, K, D, Dv, window;  // D: the query / key width, Dv: the value width
   float scale;
+  int64_t row(int64_t t) const { return slots != nullptr ? slots[t] : t; }
 };
 
-// One work item: KV head h, new tokens [t0, t1), each with its G query heads (rows r = (t - t0) * G + g).
-void attend_block(const Views& a, int64_t h, int64_t t0, int64_t t1, float* out) {
-  const int64_t G = a.H / a.K, D = a.D, Dv = a.Dv, rows = (t1 - t0) * G, offset = a.L - a.n;
-  std::vector<float> qs(rows * D), o(rows * Dv), ob(rows * Dv), s(rows * BK), p(rows * BK), m(rows), l(rows);
-  std::vector<int64_t> lo(rows), hi(rows), c0(rows), c1(rows), active(rows);  // each row's allowed keys [lo, hi)
-  std::vector<char> started(rows, 0);
-  std::vector<const float*> kp(BK), vp(BK), qr(rows);
-  std::vector<Partial> part(rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = t0 + r / G, g = r % G, pos = offset + t;
-    const float* src = a.q + t * a.qs_t + (h * G + g) * a.qs_h;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = src[d] * a.scale;
-    hi[r] = pos + 1;
-    lo[r] = a.window > 0 ? std::max<int64_t>(0, pos - a.window + 1) : 0;
-  }
-  const int64_t first = lo[0] / BK * BK, last = hi[rows - 1];  // rows are in position order
-  for (int64_t kb = first; kb < last; kb += BK) {
-    const int64_t n = std::min(BK, a.L - kb);
-    for (int64_t j = 0; j < n; ++j) {
-      kp[j] = a.k + (kb + j) * a.ks_t + h * a.ks_h;
-      vp[j] = a.v + (kb + j) * a.vs_t + h * a.vs_h;
-    }
-    int64_t na = 0;  // the rows with an allowed key in this block
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b0 = std::max<int64_t>(lo[r] - kb, 0), b1 = std::min<int64_t>(hi[r] - kb, n);
-      if (b0 >= b1) continue;
-      active[na] = r;
-      c0[na] = b0;
-      c1[na] = b1;
-      qr[na] = qs.data() + r * D;
-      part[na].o = ob.data() + na * Dv;
-      ++na;
-    }
-    block_partials(qr.data(), na, c0.data(), c1.data(), kp.data(), vp.data(), n, D, Dv, s.data(), p.data(),
-                   part.data());
-    for (int64_t i = 0; i < na; ++i) {
-      const int64_t r = active[i];
-      Partial st{m[r], l[r], o.data() + r * Dv};
-      merge(st, part[i], Dv, !started[r]);
-      started[r] = 1;
-      m[r] = st.m;
-      l[r] = st.l;
+// The query rows of KV head h and new tokens [t0, t1), each token with its G query heads (row r =
+// (t - t0) * G + g): pre-scaled queries, each row's allowed keys [lo, hi), and the running merge of its
+// blocks so far (m, l, o; `started` once a block had an allowed key).
+struct Rows {
+  int64_t h, count;
+  std::vector<float> q, o, m, l;
+  std::vector<int64_t> lo, hi;
+  std::vector<char> started;
+  template <typename T>
+  Rows(const Views<T>& a, int64_t h_, int64_t t0, int64_t t1) : h(h_), count((t1 - t0) * (a.H / a.K)) {
+    const int64_t G = a.H / a.K, offset = a.L - a.n;
+    q.resize(count * a.D);
+    o.resize(count * a.Dv);
+    m.resize(count);
+    l.resize(count);
+    lo.resize(count);
+    hi.resize(count);
+    started.assign(count, 0);
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t t = t0 + r / G, g = r % G, pos = offset + t;
+      const float* src = a.q + t * a.qs_t + (h * G + g) * a.qs_h;
+      for (int64_t d = 0; d < a.D; ++d) q[r * a.D + d] = src[d] * a.scale;
+      hi[r] = pos + 1;
+      lo[r] = a.window > 0 ? std::max<int64_t>(0, pos - a.window + 1) : 0;
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t first_block() const { return lo[0] / BK; }  // rows are in position order
+  int64_t end_block() const { return (hi[count - 1] + BK - 1) / BK; }
+};
+
+// Per-thread scratch of `block_of`.
+template <typename T>
+struct BlockScratch {
+  std::vector<const T*> kp, vp;
+  std::vector<const float*> qr;
+  std::vector<int64_t> c0, c1;
+  std::vector<float> s, p;
+  explicit BlockScratch(int64_t rows) : kp(BK), vp(BK), qr(rows), c0(rows), c1(rows), s(rows * BK), p(rows * BK) {}
+};
+
+// The partials over key block c of the rows that have an allowed key in it: their indices go to
+// `active`, their partials to part[i] (o at ob + i * Dv); returns how many.
+template <typename T>
+int64_t block_of(const Views<T>& a, const Rows& rw, int64_t c, BlockScratch<T>& sc, float* ob, Partial* part,
+                 int64_t* active) {
+  const int64_t kb = c * BK, n = std::min(BK, a.L - kb);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t row = a.row(kb + j);
+    sc.kp[j] = a.k + row * a.ks_t + rw.h * a.ks_h;
+    sc.vp[j] = a.v + row * a.vs_t + rw.h * a.vs_h;
+  }
+  int64_t na = 0;
+  for (int64_t r = 0; r < rw.count; ++r) {
+    const int64_t b0 = std::max<int64_t>(rw.lo[r] - kb, 0), b1 = std::min<int64_t>(rw.hi[r] - kb, n);
+    if (b0 >= b1) continue;
+    active[na] = r;
+    sc.c0[na] = b0;
+    sc.c1[na] = b1;
+    sc.qr[na] = rw.q.data() + r * a.D;
+    part[na].o = ob + na * a.Dv;
+    ++na;
+  }
+  block_partials(sc.qr.data(), na, sc.c0.data(), sc.c1.data(), sc.kp.data(), sc.vp.data(), n, a.D, a.Dv, sc.s.data(),
+                 sc.p.data(), part);
+  return na;
+}
+
+// Row r's running state merged with the next block's partial b.
+inline void merge_into(Rows& rw, int64_t r, const Partial& b, int64_t Dv) {
+  Partial st{rw.m[r], rw.l[r], rw.o.data() + r * Dv};
+  merge(st, b, Dv, !rw.started[r]);
+  rw.started[r] = 1;
+  rw.m[r] = st.m;
+  rw.l[r] = st.l;
+}
+
+template <typename T>
+void finish_rows(const Views<T>& a, Rows& rw, int64_t t0, float* out) {
+  const int64_t G = a.H / a.K;
+  for (int64_t r = 0; r < rw.count; ++r) {
     const int64_t t = t0 + r / G, g = r % G;
-    finish(Partial{m[r], l[r], o.data() + r * Dv}, Dv, out + (t * a.H + h * G + g) * Dv);
+    finish(Partial{rw.m[r], rw.l[r], rw.o.data() + r * a.Dv}, a.Dv,
+           out + (t * a.H + rw.h * G + g) * a.Dv);
   }
+}
+
+// One work item: KV head h, new tokens [t0, t1); its key blocks in order, each merged as it comes.
+template <typename T>
+void attend_block(const Views<T>& a, int64_t h, int64_t t0, int64_t t1, float* out) {
+  Rows rw(a, h, t0, t1);
+  BlockScratch<T> sc(rw.count);
+  std::vector<float> ob(rw.count * a.Dv);
+  std::vector<Partial> part(rw.count);
+  std::vector<int64_t> active(rw.count);
+  for (int64_t c = rw.first_block(); c < rw.end_block(); ++c) {
+    const int64_t na = block_of(a, rw, c, sc, ob.data(), part.data(), active.data());
+    for (int64_t i = 0; i < na; ++i) merge_into(rw, active[i], part[i], a.Dv);
+  }
+  finish_rows(a, rw, t0, out);
+}
+
+constexpr int64_t MIN_TQ = 4;  // tokens per work item at least (rows enough for the passes)
+
+template <typename T>
+void prefill_kernel(const Views<T>& a, float* o) {
+  // Items (KV head, token block), costliest first (later blocks see more keys), handed out one at a time:
+  // static splits would give one thread all the long rows. Few new tokens (a prefix hit's last block, a
+  // chat turn) come in smaller blocks, so that every thread has work; a row's numbers never depend on
+  // which rows share its item.
+  const int64_t threads = at::get_num_threads(), wanted = (2 * threads + a.K - 1) / a.K;
+  const int64_t tq = std::min(BQ, std::max(MIN_TQ, (a.n + wanted - 1) / wanted));
+  const int64_t blocks = (a.n + tq - 1) / tq, items = a.K * blocks;
+  std::vector<int64_t> order(items);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return x % blocks > y % blocks; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(items, threads), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < items; i = next++) {
+      const int64_t h = order[i] / blocks, b = order[i] % blocks;
+      attend_block(a, h, b * tq, std::min(a.n, (b + 1) * tq), o);
+    }
+  });
 }
 
 }  // namespace
@@ -401,31 +482,38 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 }
 
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                                int64_t window) {
+                                int64_t window, const c10::optional<torch::Tensor>& slots) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.size(0) == v.size(0) && k.size(1) == v.size(1),
               "prefill_attention: q [n, H, D], k [L, K, D] and v [L, K, Dv] expected");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "prefill_attention: float32 tensors expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "prefill_attention: float32 queries expected");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "prefill_attention: float32 or bfloat16 keys and values (of one dtype) expected");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "prefill_attention: head dim contiguous");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), L = k.size(0), K = k.size(1), Dv = v.size(2);
+  const int64_t rows = k.size(0);
+  torch::Tensor sl;
+  if (slots.has_value()) {
+    sl = slots->contiguous();
+    TORCH_CHECK(sl.dim() == 1 && sl.scalar_type() == at::kLong, "prefill_attention: slots [L] int64 expected");
+    const int64_t* p = sl.data_ptr<int64_t>();
+    TORCH_CHECK(std::all_of(p, p + sl.size(0), [&](int64_t s) { return s >= 0 && s < rows; }),
+                "prefill_attention: a slot outside the ", rows, " rows of k and v");
+  }
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), L = slots.has_value() ? sl.size(0) : rows;
+  const int64_t K = k.size(1), Dv = v.size(2);
   TORCH_CHECK(k.size(2) == D && H % K == 0 && n <= L && n > 0, "prefill_attention: shapes do not match");
-  const Views a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), q.stride(0), q.stride(1),
-                k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, Dv, window,
-                static_cast<float>(scale)};
   auto out = torch::empty({n, H, Dv}, q.options());
-  float* o = out.data_ptr<float>();
-  // Items (KV head, token block), costliest first (later blocks see more keys), handed out one at a time:
-  // static splits would give one thread all the long rows.
-  const int64_t blocks = (n + BQ - 1) / BQ, items = K * blocks;
-  std::vector<int64_t> order(items);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return x % blocks > y % blocks; });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < items; i = next++) {
-      const int64_t h = order[i] / blocks, b = order[i] % blocks;
-      attend_block(a, h, b * BQ, std::min(n, (b + 1) * BQ), o);
-    }
-  });
+  const int64_t* sp = slots.has_value() ? sl.data_ptr<int64_t>() : nullptr;
+  if (k.scalar_type() == at::kFloat) {
+    prefill_kernel(Views<float>{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), sp, q.stride(0),
+                                q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, Dv,
+                                window, static_cast<float>(scale)},
+                   out.data_ptr<float>());
+  } else {
+    using BF = c10::BFloat16;
+    prefill_kernel(Views<BF>{q.data_ptr<float>(), k.data_ptr<BF>(), v.data_ptr<BF>(), sp, q.stride(0), q.stride(1),
+                             k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, Dv, window,
+                             static_cast<float>(scale)},
+                   out.data_ptr<float>());
+  }
   return out;
 }
