@@ -56,7 +56,8 @@ def test_int8_layer_is_close_to_float(shape):
     assert layer(torch.randn(2, 3, shape[1])).shape == (2, 3, shape[0])
     rows = torch.randn(24, shape[1])
     alone = torch.cat([layer(r[None]) for r in rows])
-    assert torch.equal(layer(rows), alone)  # a token alone = in a prefill, bit for bit
+    for m in (2, 5, 16, 24):  # a decode batch (weights expanded once per few tokens) and a prefill
+        assert torch.equal(layer(rows[:m]), alone[:m])  # a token alone = batched = in a prefill, bit for bit
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -78,7 +79,8 @@ def test_int4_layer_is_close_to_float(group):
         assert _layer_error(layer, w, b, x) < {32: 0.08, 64: 0.1, 128: 0.12}[group]
     rows = torch.randn(40, 1, 1024)
     alone = torch.cat([layer(r) for r in rows])
-    assert torch.equal(layer(rows[:, 0]), alone)  # a token alone = in a prefill, bit for bit
+    for m in (2, 7, 16, 40):  # a decode batch (weights expanded once per few tokens) and a prefill
+        assert torch.equal(layer(rows[:m, 0]), alone[:m])  # a token alone = batched = in a prefill, bit for bit
 
 
 def test_bad_quantization_options():

@@ -19,8 +19,10 @@
 // Work: rows in groups of R, tokens in blocks that stay in L2; a row group's weights are expanded to
 // float32 (interleaved per 16 along K) into a small buffer per slice of K and reused by every token of
 // the block, and the tokens are interleaved likewise once per call, so the micro-kernel reads two
-// sequential streams: prefill runs at arithmetic speed and decode at the weights' read speed. Items (row
-// group, token block) are independent; which thread runs one never changes its numbers.
+// sequential streams: prefill runs at arithmetic speed and decode at the weights' read speed. A decode
+// batch (up to kFewTokens tokens) skips the buffer: each group's weights are expanded in registers once
+// for a few tokens at a time (run_few). Items (row group, token block) are independent; which thread runs
+// one never changes its numbers.
 #include <torch/types.h>
 #include <ATen/Parallel.h>
 
@@ -191,6 +193,67 @@ inline void tile1(const W& w, int64_t n0, const float* x, int64_t steps, float* 
   for (int r = 0; r < R; ++r) kvt::store16(acc + r * 16, a[r]);
 }
 
+// MT tokens (rows of x, K apart), rows [n0, n0 + R) of one panel: each group's weights expanded in
+// registers once for all MT tokens (for a few tokens the expansion costs more than their arithmetic,
+// and a row group's blocks stay in L1 for the next tokens); tile1's operations for each token.
+template <int R, int MT, class W>
+inline void tile_few(const W& w, int64_t n0, const float* x, int64_t K, int64_t steps, float* acc) {
+  static_assert(PANEL % R == 0, "a row group lies within one panel");
+  V16 a[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) a[m][r] = kvt::zero16();
+  const uint8_t* b = w.block(n0, 0);
+  const int r0 = static_cast<int>(n0 % PANEL);
+  int64_t i = 0;
+  for (; i + 2 <= steps; i += 2, b += W::kBlock) {
+    for (int64_t ahead = 0; ahead < W::kBlock; ahead += 64) kvt::prefetch(b + AHEAD + ahead);
+    for (int r = 0; r < R; ++r) {
+      V16 wv[2];
+      W::group(b, r0 + r, wv);
+      for (int m = 0; m < MT; ++m) {
+        a[m][r] = kvt::fma16(kvt::load16(x + m * K + 16 * i), wv[0], a[m][r]);
+        a[m][r] = kvt::fma16(kvt::load16(x + m * K + 16 * i + 16), wv[1], a[m][r]);
+      }
+    }
+  }
+  if (i < steps) {  // int8's last group of 16
+    for (int r = 0; r < R; ++r) {
+      V16 wv[2];
+      W::group(b, r0 + r, wv, true);
+      for (int m = 0; m < MT; ++m) a[m][r] = kvt::fma16(kvt::load16(x + m * K + 16 * i), wv[0], a[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) kvt::store16(acc + (m * R + r) * 16, a[m][r]);
+}
+
+template <int R, int MB, class W>
+inline void tile_few_n(int mt, const W& w, int64_t n0, const float* x, int64_t K, int64_t steps, float* acc) {
+  if constexpr (MB > 1) {
+    if (mt < MB) return tile_few_n<R, MB - 1>(mt, w, n0, x, K, steps, acc);
+  }
+  tile_few<R, MB>(w, n0, x, K, steps, acc);
+}
+
+// A few tokens of x [M, K] times the rows of w -> y [M, N]: each thread owns a contiguous range of row
+// groups and runs each over the tokens, MB at a time (no packed copy of x).
+template <int R, int MB, class W>
+void run_few(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y, const float* bias) {
+  const int64_t groups = (N + R - 1) / R, steps = K / 16;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    kvt::Floats acc;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * R, nr = std::min<int64_t>(R, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mt = std::min<int64_t>(MB, M - m0);
+        acc.resize(mt * R * 16);
+        tile_few_n<R, MB>(static_cast<int>(mt), w, n0, x + m0 * K, K, steps, acc.data());
+        finish<R>(w, x, m0, m0 + mt, K, n0, nr, y, N, bias, acc);
+      }
+    }
+  });
+}
+
 // Rows [n0, n0 + nr) (nr <= R) for tokens [m0, m1) (whole tiles of MB but the last); x: the original
 // activations [M, K] (for the K % 16 tail), xp: packed by pack_x; y [M, N] float32.
 template <int R, int MB, class W>
@@ -258,9 +321,12 @@ constexpr int kDecodeRows = 4, kRows = 2, kTokens = 3;  // 16 ymm registers, two
 constexpr int kDecodeRows = 4, kRows = 2, kTokens = 2;
 #endif
 
+constexpr int64_t kFewTokens = 16;  // up to this many tokens (a decode batch): run_few
+
 template <class W>
 void dispatch_m(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y, const float* bias) {
   if (M == 1) return run<kDecodeRows, 1>(w, x, M, K, N, y, bias);
+  if (M <= kFewTokens) return run_few<kRows, kTokens>(w, x, M, K, N, y, bias);
   run<kRows, kTokens>(w, x, M, K, N, y, bias);
 }
 
