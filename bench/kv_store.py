@@ -9,8 +9,9 @@
    resending the whole history; users arrive every 0.5 s and send their next turn as soon as the
    answer is in; more KV than the device pool holds (2 s, the first setting, no longer overflows it
    much now that the engine is faster). Store off, on (default write policy) and on
-   with write_through (device prefix caching on in all): prefill tokens computed, TTFT
-   mean/p50/p95, and a PNG of mean TTFT per turn.
+   with write_through (device prefix caching on in all), in interleaved rounds (ABC, CBA): prefill
+   tokens computed, TTFT mean/p50/p95 per round, the arms' means over rounds, and a PNG of mean TTFT
+   per turn.
 4. The store's cost where it cannot help: a chat that fits the device pool (4 conversations x 3
    turns over ~1,100-token documents, one request at a time) and 16 concurrent decodes, on engines
    with the store off, on (default write policy) and on with write_through, side by side in the
@@ -239,6 +240,16 @@ def multi_turn(
     }
 
 
+def mean_of(rows: list[dict]) -> dict:
+    """One arm over its rounds: mean TTFT (and per turn, prefill tokens) of the round means."""
+    return {
+        "per_turn": [statistics.mean(t) for t in zip(*(r["per_turn"] for r in rows))],
+        "mean": statistics.mean(r["mean"] for r in rows),
+        "computed": statistics.mean(r["computed"] for r in rows),
+        "rounds": [r["mean"] for r in rows],
+    }
+
+
 def plot(on: dict, off: dict, path: Path) -> None:
     import matplotlib
 
@@ -332,6 +343,7 @@ def main() -> None:
         help="seconds between users' first turns (0.5: store off recomputes ~65k tokens, the overload the 4x target was set at)",
     )
     ap.add_argument("--device-blocks", type=int, default=512, help="device KV pool of the chat workload")
+    ap.add_argument("--chat-rounds", type=int, default=2, help="rounds of the chat, arms interleaved")
     ap.add_argument("--fit-rounds", type=int, default=3, help="rounds of the workload that fits the device pool")
     ap.add_argument("--fit-doc-tokens", type=int, default=1100)
     ap.add_argument("--decode-users", type=int, default=16)
@@ -387,11 +399,21 @@ def main() -> None:
             flush=True,
         )
         shape = (args.convs, args.turns, args.doc_tokens, args.stagger, args.device_blocks)
-        chat = {arm: multi_turn(arm, *shape, base / "chat") for arm in ARMS}
+        runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        for r in range(args.chat_rounds):  # arms in ABC, CBA, ... order: they share the machine's drift
+            for arm in list(ARMS)[:: 1 if r % 2 == 0 else -1]:
+                row = multi_turn(arm, *shape, base / f"chat{r}")
+                runs[arm].append(row)
+                print(
+                    f"  round {r + 1} {arm:13}: prefill tokens computed {row['computed']:>7} | TTFT mean "
+                    f"{row['mean']:.2f} s, p50 {row['p50']:.2f} s, p95 {row['p95']:.2f} s | wall {row['wall']:.0f} s",
+                    flush=True,
+                )
+        chat = {arm: mean_of(rows) for arm, rows in runs.items()}
         for name, r in chat.items():
             print(
-                f"  {name:13}: prefill tokens computed {r['computed']:>7} | TTFT mean {r['mean']:.2f} s, "
-                f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s | wall {r['wall']:.0f} s"
+                f"  {name:13}: prefill tokens computed {r['computed']:>7.0f} | TTFT mean {r['mean']:.2f} s "
+                f"(rounds {', '.join(f'{x:.2f}' for x in r['rounds'])})"
             )
         off = chat["off"]
         for name in ("on", "write_through"):
@@ -405,7 +427,9 @@ def main() -> None:
         print(f"  plot: {args.plot}")
         figures["multi_turn"] = {
             "shape": dict(zip(("convs", "turns", "doc_tokens", "stagger_s", "device_blocks"), shape)),
+            "rounds": args.chat_rounds,
             "arms": chat,
+            "runs": runs,
             "ttft_ratio": off["mean"] / chat["on"]["mean"],
         }
 

@@ -450,3 +450,30 @@ def test_sigkill_during_writes_leaves_no_torn_chunk(smollm_path, tmp_path, polic
         assert got.cached_tokens_by_tier["disk"] > 0  # the killed engine's blocks serve the restart
     with engine(smollm_path, None, num_blocks=96, host_gb=0, enable_prefix_caching=False) as cold:
         assert got.token_ids == cold.generate(first, GREEDY)[0].token_ids
+
+
+def test_stored_prefix_waits_for_room_instead_of_being_recomputed(smollm_path, reference, tmp_path):
+    """With the pool too full to load a queued request's stored prefix, the request waits for the
+    running one to free blocks and then loads it; it does not start recomputing it in the room a
+    small prefill chunk would fit in."""
+    llm = engine(smollm_path, None, num_blocks=40, max_num_batched_tokens=32)
+    eng = llm.engine
+    llm.generate(PROMPTS[0], GREEDY)
+    forget_device(llm)  # PROMPTS[0]'s blocks now live in the host tier only
+    need = -(-(len(eng.tokenize(PROMPTS[0])) + GREEDY.max_tokens) // BS)
+    hog_blocks = eng.pool.num_blocks - need + 3  # leaves room for a 32-token chunk, not for the load
+    hog = eng.tokenize("Another log. " + DOC * 20)[: (hog_blocks - 1) * BS]
+    hog_req = eng.groups[eng.add_request({"prompt_token_ids": hog}, GREEDY)][0]
+    while hog_req.num_computed_tokens < len(hog):
+        eng.step()  # the hog is decoding, its blocks held
+    rid = eng.add_request(PROMPTS[0], GREEDY)
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    out = done[rid]
+    assert out.token_ids == reference[0]
+    assert out.cached_tokens_by_tier["host"] == full_blocks(out)  # all of it loaded, none recomputed
+    assert_all_blocks_free(llm)
+    llm.close()

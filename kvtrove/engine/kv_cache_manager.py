@@ -95,11 +95,13 @@ class KVCacheManager:
             self._save([b.block_id for b in hits], to_all=True)
         return hits
 
-    def load_stored(self, req: Request, cached: list[Block], max_new_tokens: int) -> tuple[list[Block], list[str]]:
+    def load_stored(
+        self, req: Request, cached: list[Block], max_new_tokens: int
+    ) -> tuple[list[Block], list[str]] | None:
         """Load the store's chunks that continue the device prefix `cached` into fresh blocks, register
         them like computed blocks and return them (free and cached, ready for `allocate`) with the tier
-        each came from. Nothing is loaded if the pool could not also hold the request's next
-        `max_new_tokens`."""
+        each came from. None (nothing loaded) when the store has some but the pool could not hold them
+        and the request's next `max_new_tokens` now: the caller waits for room rather than recompute."""
         if self.store is None:
             return [], []
         keys = self._reusable_keys(req)[len(cached) :]
@@ -109,7 +111,7 @@ class KVCacheManager:
             return [], []
         rest = req.num_tokens - req.num_computed_tokens - (len(cached) + n) * self.block_size
         if self.blocks_needed(req, min(rest, max_new_tokens), cached, n) > self.pool.num_free_blocks:
-            return [], []
+            return None
         self.pool.touch(cached)  # keep the device prefix out of the allocation below
         blocks = self.pool.allocate(n)
         self.pool.release(reversed(cached))

@@ -3,7 +3,9 @@
 FCFS; when the pool runs out of blocks the most recently admitted request is preempted and
 recomputed later (its blocks stay in the prefix cache, so recomputation is mostly a cache hit).
 At admission a request reuses its longest cached prefix: device blocks first, then chunks that the
-KV store loads into fresh device blocks; only the rest is prefilled.
+KV store loads into fresh device blocks; only the rest is prefilled. A request whose stored prefix
+the pool cannot take now waits (at the head of the queue) while running requests free blocks, rather
+than start recomputing it in the room one prefill chunk needs.
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ class Scheduler:
                 wait([req.prefetch])
                 req.prefetch = None
             cached = self.kv.cached_prefix(req)
-            loaded, tiers = self.kv.load_stored(req, cached, budget)
+            stored = self.kv.load_stored(req, cached, budget)
+            if stored is None and self.running:
+                break  # its stored prefix needs room that running requests will free: wait, not recompute
+            loaded, tiers = stored or ([], [])
             reused = cached + loaded
             n = min(req.num_tokens - req.num_computed_tokens - len(reused) * bs, budget)
             if not self.kv.allocate(req, n, reused):
