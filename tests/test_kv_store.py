@@ -154,3 +154,24 @@ def test_write_backlog_is_bounded(tmp_path):
     s.flush()
     assert s.stats()["host"]["entries"] == 3 and s._backlog.bytes == 0
     s.close()
+
+
+def test_chunks_queued_for_writing_are_found_and_loaded_meanwhile(tmp_path):
+    s = store(tmp_path)
+    s.save([(*chunk(0), 0.0)])
+    s.flush()  # chunk 0 in the tiers
+    gate = threading.Event()
+    s._jobs.put(gate.wait)  # the writer is stuck behind a slow write
+    s.save([(*chunk(i), 0.0) for i in (1, 2)], first_tier_only=True)
+    assert s.find(keys(4)) == [(s.tiers[0], 1), (s._queued, 2)]
+    assert s.prefetch(keys(3)).result(timeout=10) == [None] * 3  # nothing to copy up
+    sunk = []
+    got = s.load(keys(4), sink=lambda i, c: sunk.append(i))
+    assert [int(c.kv[0, 0, 0, 0, 0]) for c in got] == [0, 1, 2] and sunk == [0, 1, 2]
+    assert [c.tier for c in got] == ["host"] * 3 and s.stats()["host"]["tokens_saved"] == 12
+    assert s.stats()["host"]["entries"] == 1  # 1 and 2 came from the queue, not yet written
+    gate.set()
+    s.flush()
+    assert s.stats()["host"]["entries"] == 3 and s._queued.prefix_hits(keys(3)) == 0  # written: queue empty
+    assert len(s.load(keys(4))) == 3
+    s.close()

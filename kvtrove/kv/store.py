@@ -7,8 +7,10 @@ ends the run, so the rest is recomputed. A tier whose reads are slower than reco
 (`kv.breakeven`) is not read. Hits from a slower tier are copied into the faster ones; `prefetch`
 does that ahead of time for a queued request. Chunks are written by one background thread (the
 caller never waits for a write), to every tier or to the fastest only (the engine's write policy
-decides which, and when); a chunk that the host tier evicts moves to the next tier instead of being
-lost, and `sync_down` copies the host tier's chunks down while the engine is idle.
+decides which, and when); until its write is done a queued chunk is found and loaded from the queue
+itself (it is this process's own copy of device blocks), so a block evicted a step ago is never
+recomputed. A chunk that the host tier evicts moves to the next tier instead of being lost, and
+`sync_down` copies the host tier's chunks down while the engine is idle.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class KVStore:
         self._origin: OrderedDict[bytes, str] = OrderedDict()
         """Chunks that prefetch copied up -> the tier they came from."""
         self._lock = threading.Lock()
+        self._queued = Queued(self.tiers[0].name if self.tiers else "")
         self._jobs: queue.Queue = queue.Queue()
         for upper, lower in zip(self.tiers, self.tiers[1:]):
             if isinstance(upper, HostTier):
@@ -89,11 +92,11 @@ class KVStore:
     def find(self, keys: Sequence[bytes]) -> list[tuple[Tier, int]]:
         """Where the longest stored run of `keys`, from the first, lies: (tier, count) runs in order, each
         in the fastest tier that holds its first chunk (one lookup; `load` reads what it found)."""
-        runs: list[tuple[Tier, int]] = []
+        runs: list[tuple[Tier | Queued, int]] = []
         done = 0
         while done < len(keys):
             rest = keys[done:]
-            for tier in self.tiers:
+            for tier in (self._queued, *self.tiers):
                 n = tier.prefix_hits(rest)
                 if n:
                     runs.append((tier, n))
@@ -104,7 +107,7 @@ class KVStore:
         return runs
 
     def load(
-        self, keys: Sequence[bytes], sink: Sink | None = None, runs: list[tuple[Tier, int]] | None = None
+        self, keys: Sequence[bytes], sink: Sink | None = None, runs: list[tuple[Tier | Queued, int]] | None = None
     ) -> list[LoadedChunk]:
         """The chunks of the longest run of `keys`, from the first, that the tiers hold and that verify
         (`runs`: what `find` said of these keys, not asked again).
@@ -126,14 +129,23 @@ class KVStore:
         keys: Sequence[bytes],
         prefetching: bool,
         sink: Sink | None = None,
-        runs: list[tuple[Tier, int]] | None = None,
+        runs: list[tuple[Tier | Queued, int]] | None = None,
     ) -> list[LoadedChunk | None]:
         """`load`; when `prefetching`, chunks already in the fastest tier are skipped (None) instead of read."""
         out: list[LoadedChunk] = []
         for tier, n in self.find(keys) if runs is None else runs:
             rest = keys[len(out) :]
-            if prefetching and tier is self.tiers[0]:  # already in the fastest tier: nothing to copy up
+            if prefetching and tier in (self._queued, self.tiers[0]):  # nothing to copy up
                 out.extend([None] * n)
+                continue
+            if tier is self._queued:
+                got = self._queued.take(rest[:n])
+                for chunk in got:
+                    if sink is not None:
+                        sink(len(out), chunk)
+                    out.append(chunk)
+                if len(got) < n:  # written (and maybe evicted) since `find`: the rest is recomputed
+                    return out
                 continue
             if self.break_even is not None and not self.break_even.worth_loading(tier.name):
                 self.skipped[tier.name] += 1
@@ -162,13 +174,6 @@ class KVStore:
             return None
         return self._reader.submit(self._load, list(keys), True)
 
-    def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        found = [False] * len(keys)
-        for tier in self.tiers:
-            for i, present in enumerate(tier.exists(keys)):
-                found[i] = found[i] or present
-        return found
-
     # ---- writes (queued; one background thread) ----------------------------------------------------
 
     def save(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]], first_tier_only: bool = False) -> None:
@@ -184,7 +189,9 @@ class KVStore:
         only_first = first_tier_only and len(self.tiers) > 1
         tiers = self.tiers[:1] if only_first else self.tiers
         down = self._down if only_first and isinstance(self.tiers[0], HostTier) else None
-        self._jobs.put(functools.partial(_save, tiers, list(chunks), self._backlog, nbytes, down))
+        chunks = list(chunks)
+        self._queued.add(chunks)
+        self._jobs.put(functools.partial(_save, tiers, chunks, self._backlog, nbytes, down, self._queued))
 
     def sync_down(self, still_idle: Callable[[], bool] = lambda: True) -> None:
         """Queue copying the chunks that only the host tier holds into the tiers below, a batch at a time
@@ -288,6 +295,45 @@ def _put_all(tiers: Sequence[Tier], items: list[tuple[bytes, bytes, float]]) -> 
         tier.put(items)
 
 
+class Queued:
+    """Chunks handed to `save` whose write is not done yet, readable meanwhile (thread-safe)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        """Reads from here count as reads from the tier the chunks are going to."""
+        self._chunks: dict[bytes, tuple[ChunkHeader, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
+        with self._lock:
+            for h, kv, _ in chunks:
+                self._chunks[h.key] = (h, kv)
+
+    def discard(self, chunks: Sequence[tuple[ChunkHeader, torch.Tensor, float]]) -> None:
+        with self._lock:
+            for h, kv, _ in chunks:
+                if self._chunks.get(h.key, (None, None))[1] is kv:  # a later save of the same key stays
+                    del self._chunks[h.key]
+
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            n = 0
+            while n < len(keys) and keys[n] in self._chunks:
+                n += 1
+            return n
+
+    def take(self, keys: Sequence[bytes]) -> list[LoadedChunk]:
+        """The leading run of `keys` still queued, as loaded chunks."""
+        out = []
+        with self._lock:
+            for key in keys:
+                entry = self._chunks.get(key)
+                if entry is None:
+                    break
+                out.append(LoadedChunk(entry[0], entry[1], self.name))
+        return out
+
+
 class Backlog:
     """Bytes of KV queued for writing, within a bound."""
 
@@ -313,6 +359,7 @@ def _save(
     backlog: Backlog,
     n: int,
     down: OrderedDict | None,
+    queued: Queued,
 ):
     try:
         if down is not None:  # first: the host tier's evictions during the put take theirs off again
@@ -320,6 +367,7 @@ def _save(
                 down[h.key] = None
         _store_all(tiers, chunks)
     finally:
+        queued.discard(chunks)
         backlog.give(n)
 
 
