@@ -120,6 +120,13 @@ WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
 """When device KV blocks reach the store (SGLang HiCache's names); `CacheConfig.kv_write_policy`."""
 
 
+def check_blend(ratio, check_layer) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"kv_blend_ratio must be a number in [0, 1], got {ratio!r}")
+    if isinstance(check_layer, bool) or not isinstance(check_layer, int) or check_layer < 0:
+        raise ValueError(f"kv_blend_check_layer must be an integer >= 0, got {check_layer!r}")
+
+
 @dataclass
 class CacheConfig:
     block_size: int = opt(16, "Tokens per KV block; also the unit of prefix caching.")
@@ -138,6 +145,16 @@ class CacheConfig:
         "the first tier; on down when that tier evicts them, the engine is idle, or at close), "
         "write_through (every new block at once, to every tier), write_through_selective (write_back, "
         "and a block at once to every tier when a later request reuses it).",
+    )
+    kv_blend: bool = opt(
+        False,
+        "Reuse stored KV of known text at any position (CacheBlend): windows of the prompt found among the "
+        "store's segment entries are loaded at their new positions and only a few tokens recomputed. "
+        "Approximate; off keeps every output exact. A request's own kv_blend overrides it.",
+    )
+    kv_blend_ratio: float = opt(0.15, "Blending: share of the loaded tokens recomputed (those whose KV deviates most).")
+    kv_blend_check_layer: int = opt(
+        1, "Blending: the layer (0-based) up to which every token is recomputed and where the deviation is measured."
     )
     kv_remote: str | None = opt(
         None,
@@ -178,6 +195,7 @@ class CacheConfig:
                     f"eviction must be one of {POLICIES} or per tier like 'host=cost,disk=lru', got {self.eviction!r}"
                 )
         self.eviction = self.eviction.replace(" ", "")
+        check_blend(self.kv_blend_ratio, self.kv_blend_check_layer)
         if self.kv_write_policy not in WRITE_POLICIES:
             raise ValueError(f"kv_write_policy must be one of {WRITE_POLICIES}, got {self.kv_write_policy!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

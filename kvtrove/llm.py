@@ -10,7 +10,7 @@ from kvtrove.outputs import RequestOutput
 from kvtrove.sampling_params import SamplingParams
 
 Prompt = str | dict
-Message = dict[str, str]
+Message = dict
 
 
 class LLM:

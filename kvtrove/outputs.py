@@ -30,6 +30,10 @@ class RequestOutput:
     """Prompt tokens whose KV was reused instead of computed."""
     cached_tokens_by_tier: dict[str, int]
     """The same, per tier it came from: device, host, disk, ..."""
+    blended_tokens: int
+    """Prompt tokens whose stored KV was blended in at a new position (not exact; `kv_blend`)."""
+    blend_recomputed_tokens: int
+    """Prompt tokens found stored that blending recomputed anyway (they deviated most)."""
     ttft_s: float | None
     """Seconds from arrival to the first generated token."""
 

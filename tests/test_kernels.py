@@ -225,6 +225,22 @@ def test_prefill_attention_reads_the_paged_cache_in_place(dtype):
         kernel.prefill_attention(q, k_cache.transpose(0, 1), v_cache.transpose(0, 1), 0.2, 0, slots + S)
 
 
+@pytest.mark.parametrize("window", [0, 100])
+def test_prefill_attention_at_scattered_positions(window):
+    """Queries at given positions (a blended step's selection) get the bits the same queries get as rows
+    of a full prefill of the context."""
+    kernel = cpu_kernels()
+    torch.manual_seed(1)
+    L, H, K, D = 700, 6, 2, 64
+    q, k, v = torch.randn(L, H, D), torch.randn(L, K, D), torch.randn(L, K, D)
+    full = kernel.prefill_attention(q, k, v, 0.2, window)
+    pos = torch.sort(torch.randperm(L)[:90]).values
+    got = kernel.prefill_attention(q[pos], k, v, 0.2, window, None, pos)
+    assert torch.equal(got, full[pos])
+    with pytest.raises(RuntimeError, match="ascend"):
+        kernel.prefill_attention(q[pos], k, v, 0.2, window, None, pos.flip(0))
+
+
 def test_prefill_attention_rejects_bad_shapes():
     kernel = cpu_kernels()
     q, kv = torch.randn(4, 6, 64), torch.randn(3, 2, 64)

@@ -34,6 +34,15 @@ def test_round_trip(dtype):
     assert got.dtype == dtype and torch.equal(got, kv)
 
 
+def test_position_round_trips_and_older_chunks_have_none():
+    header, kv, _ = _chunk()
+    placed = ChunkHeader(**{**header.__dict__, "position": 48})
+    assert decode(encode(placed, kv), header.key, FP, torch.float32)[0].position == 48
+    assert decode(encode(header, kv), header.key, FP, torch.float32)[0].position is None  # written without one
+    bad = ChunkHeader(**{**header.__dict__, "position": -3})
+    assert _reason(bytes(encode(bad, kv))) == "header"
+
+
 def _reason(data: bytes, key=b"k" * 16, fp=FP, dtype=torch.float32) -> str:
     with pytest.raises(ChunkError) as e:
         decode(data, key, fp, dtype)

@@ -288,3 +288,46 @@ def test_full_queue_gets_429_and_the_rest_complete(smollm_path, tmp_path_factory
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+PASSAGES = [
+    "The river Oster floods every March, when snow melts in the hills above the town of Bellmar; the old "
+    "mill by the second bridge keeps a painted line for each year the water reached its door, and the "
+    "highest line, from the spring of the great thaw, is level with the miller's window.",
+    "Bellmar's market opens at dawn on Thursdays. Farmers bring cheese, apples and wool from the valley, "
+    "and the baker on the square sells a dark rye loaf that keeps for a week; the stalls close at noon "
+    "when the church bell rings twelve times and the carts roll home along the river road.",
+]
+
+
+def test_blending_chat_parts_and_completion_segments(client, model, server):
+    def ask(parts: list[str], question: str):
+        content = [{"type": "text", "text": p} for p in [*parts, question]]
+        return client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"kv_blend": True},
+        )
+
+    ask(PASSAGES, "When does the market open?")
+    swapped = ask(PASSAGES[::-1], "What does the mill keep?")  # the passages in the other order
+    details = swapped.usage.prompt_tokens_details
+    assert details.blended_tokens + details.blend_recomputed_tokens >= 64
+    assert details.blend_recomputed_tokens > 0
+    assert metric(server, "kvtrove_blended_prompt_tokens_total") > 0
+    # the same segments as a completion: a prompt given as segments, blended
+    done = client.completions.create(
+        model=model, prompt=None, max_tokens=4, temperature=0, extra_body={"segments": PASSAGES, "kv_blend": True}
+    )
+    assert done.usage.prompt_tokens > 100
+    for body, needle in (
+        ({"segments": ["ok", 3]}, "segment"),
+        ({"segments": ["ok", ""]}, "empty"),
+        ({"segments": ["a"], "prompt": "b"}, "either prompt or segments"),
+        ({"prompt": "x", "kv_blend_ratio": 2}, "kv_blend_ratio"),
+    ):
+        status, data = http("POST", server + "/v1/completions", json.dumps({"model": model, **body}).encode())
+        assert status == 400 and needle in data.decode(), (body, data)
+    wait_blocks_free(server)

@@ -13,6 +13,7 @@ import torch
 import xxhash
 
 from kvtrove.config import CacheConfig, EngineConfig
+from kvtrove.engine.blend import BlendOptions
 from kvtrove.engine.block_pool import BlockPool
 from kvtrove.engine.detokenizer import Detokenizer
 from kvtrove.engine.kv_cache_manager import KVCacheManager, RecomputeCost
@@ -62,6 +63,26 @@ def build_store(
     if not tiers:
         return None
     return KVStore(tiers, fingerprint, dtype, break_even, shape=shape)
+
+
+def text_spans(text: str, parts: list[str], offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) token ranges of each of `parts` (in order) inside `text`, whose tokens span `offsets`
+    characters; a token that straddles a part's edge is outside it, a part the text lacks is skipped."""
+    spans, cursor, t = [], 0, 0
+    for part in parts:
+        at = text.find(part, cursor) if part else -1
+        if at < 0:
+            continue
+        end = at + len(part)
+        cursor = end
+        while t < len(offsets) and offsets[t][0] < at:
+            t += 1
+        first = t
+        while t < len(offsets) and offsets[t][1] <= end:
+            t += 1
+        if t > first:
+            spans.append((first, t))
+    return spans
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
@@ -125,6 +146,8 @@ class Engine:
         self.store = build_store(cc, self.fingerprint, dtype, block_shape, self.break_even)
         kv = KVCacheManager(self.pool, cc.block_size, self.fingerprint, self.store, self.runner, cost, cc.kv_write_policy)
         self.scheduler = Scheduler(config.scheduler, kv)
+        if cc.kv_blend:  # the engine's defaults must be usable by every request
+            self._blend_options(SamplingParams(kv_blend=True))
         self._closed = False
         if self.store is not None:  # interpreter exit closes an engine still open: its blocks reach the store
             atexit.register(_close_at_exit, weakref.ref(self))
@@ -144,6 +167,51 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------
 
     def tokenize(self, prompt: str | dict) -> list[int]:
+        return self.tokenize_segments(prompt)[0]
+
+    def tokenize_segments(self, prompt: str | dict) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """The prompt's token ids and, for `{"segments": [...]}`, each segment's [start, end) token range
+        (each string segment tokenized on its own, after the tokenizer's leading special tokens)."""
+        if isinstance(prompt, dict) and "segments" in prompt:
+            segs = prompt["segments"]
+            if not isinstance(segs, (list, tuple)) or not segs:
+                raise ValueError("segments must be a non-empty list of strings or token-id lists")
+            ids = self.tokenizer.encode("", add_special_tokens=True)
+            spans = []
+            for i, seg in enumerate(segs):
+                if isinstance(seg, str):
+                    part = self.tokenizer.encode(seg, add_special_tokens=False)
+                elif isinstance(seg, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in seg):
+                    part = self._checked_ids(list(seg), f"segment {i}")
+                else:
+                    raise ValueError(f"segment {i} must be a string or a list of token ids, got {type(seg).__name__}")
+                if not part:
+                    raise ValueError(f"segment {i} is empty (0 tokens)")
+                spans.append((len(ids), len(ids) + len(part)))
+                ids += part
+            return ids, spans
+        ids = self._tokenize(prompt)
+        spans = prompt.get("spans") if isinstance(prompt, dict) else None
+        if spans is None:
+            return ids, None
+        if not isinstance(spans, (list, tuple)) or not all(
+            isinstance(sp, (list, tuple))
+            and len(sp) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in sp)
+            and 0 <= sp[0] < sp[1] <= len(ids)
+            for sp in spans
+        ):
+            raise ValueError(f"spans must be [start, end) token ranges within the prompt's {len(ids)} tokens")
+        return ids, [(int(a), int(b)) for a, b in spans]
+
+    def _checked_ids(self, ids: list[int], what: str) -> list[int]:
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def _tokenize(self, prompt: str | dict) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; give at least one character or token")
@@ -154,34 +222,53 @@ class Engine:
                 isinstance(t, int) and not isinstance(t, bool) for t in ids
             ):
                 raise ValueError("prompt_token_ids must be a list of ints")
-            vocab = self.hf_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-            return list(ids)
-        raise ValueError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+            return self._checked_ids(list(ids), "prompt_token_ids")
+        raise ValueError(
+            f"a prompt is a string, {{'prompt_token_ids': [...]}} or {{'segments': [...]}}, got {type(prompt).__name__}"
+        )
 
-    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> dict:
-        """The model's chat template applied to `messages`, as token ids."""
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
+        """The model's chat template applied to `messages`, as token ids, with each message's content (each
+        text part of a content-part list) marked as a segment of the prompt (`spans`, for blending).
+        A message's content is a string or a list of {"type": "text", "text": ...} parts."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        plain, parts = [], []
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"each message needs a string 'role' and a string 'content', got {m!r}")
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                texts = [p["text"] for p in content]
+            elif isinstance(content, str):
+                texts = [content]
+            else:
+                texts = None
+            if texts is None or not isinstance(m.get("role"), str):
+                raise ValueError(
+                    "each message needs a string 'role' and a string 'content' (or a list of "
+                    f"{{'type': 'text', 'text': ...}} parts), got {m!r}"
+                )
+            plain.append({**m, "content": "".join(texts)})
+            parts += texts
         tok = self.tokenizer
         if tok.chat_template is None:
             raise ValueError("this model has no chat template; use a plain prompt")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # the template's own checks (role order, unknown roles) raise jinja errors
             raise ValueError(f"the chat template refused these messages: {e}") from None
-        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        if not tok.is_fast:
+            return {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return {"prompt_token_ids": enc["input_ids"], "spans": text_spans(text, parts, enc["offset_mapping"])}
 
     def add_request(self, prompt: str | dict, params: SamplingParams, request_id: str | None = None) -> str:
         """Validate and queue a prompt; raises ValueError (and changes nothing) for bad input."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self.tokenize(prompt)
+        ids, segments = self.tokenize_segments(prompt)
+        blend = self._blend_options(params)
         if not ids:
             raise ValueError("prompt is empty: it has 0 tokens")
         limit = min(self.max_model_len, self.capacity_tokens)
@@ -208,12 +295,27 @@ class Engine:
         for i in range(params.n):
             detok = Detokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
             seed = None if params.seed is None else params.seed + i
-            group.append(Request(request_id, i, ids, params, max_tokens, detok, seed))
+            group.append(Request(request_id, i, ids, params, max_tokens, detok, seed, segments, blend))
         self.groups[request_id] = group
         self.scheduler.kv.prefetch(group[0])
         for r in group:
             self.scheduler.add(r)
         return request_id
+
+    def _blend_options(self, params: SamplingParams) -> BlendOptions | None:
+        """The request's blending options (its own, else the engine's); None when it does not blend."""
+        cc = self.config.cache
+        if not (cc.kv_blend if params.kv_blend is None else params.kv_blend):
+            return None
+        if self.store is None:
+            raise ValueError(
+                "kv_blend needs the KV store: enable_prefix_caching on and kv_host_gb, kv_disk_gb or kv_remote set"
+            )
+        ratio = cc.kv_blend_ratio if params.kv_blend_ratio is None else params.kv_blend_ratio
+        layer = cc.kv_blend_check_layer if params.kv_blend_check_layer is None else params.kv_blend_check_layer
+        if layer >= self.runner.num_layers:
+            raise ValueError(f"kv_blend_check_layer {layer} is not a layer of this model (0-{self.runner.num_layers - 1})")
+        return BlendOptions(float(ratio), int(layer))
 
     def abort_request(self, request_id: str) -> None:
         for r in self.groups.pop(request_id, []):
@@ -231,10 +333,12 @@ class Engine:
         return self.scheduler.has_work()
 
     def cache_stats(self) -> dict[str, dict[str, int]]:
-        """Per tier (device first): entries, bytes, hits, misses, evictions, bytes moved, tokens saved."""
+        """Per tier (device first): entries, bytes, hits, misses, evictions, bytes moved, tokens saved; and
+        under "blend", the blended prefills run and the prompt tokens they reused / recomputed."""
         out = {"device": {"entries": len(self.pool.cached), "blocks": self.pool.num_blocks}}
         if self.store is not None:
             out.update(self.store.stats())
+        out["blend"] = dict(self.runner.blend_totals)
         return out
 
     def flush_kv(self) -> None:
@@ -322,5 +426,7 @@ class Engine:
             prompt_tokens=len(first.prompt_token_ids),
             cached_tokens=sum(first.cached_by_tier.values()) if first.cached_by_tier else 0,
             cached_tokens_by_tier=dict(first.cached_by_tier or {}),
+            blended_tokens=first.blend_counts[0] if first.blend_counts else 0,
+            blend_recomputed_tokens=first.blend_counts[1] if first.blend_counts else 0,
             ttft_s=min(firsts) - first.arrival_time if firsts else None,
         )

@@ -11,19 +11,32 @@ from typing import Protocol
 
 import torch
 
+from kvtrove.engine import blend
 from kvtrove.engine.block_pool import Block, BlockPool
 from kvtrove.engine.request import Request
 from kvtrove.kv.format import ChunkHeader
-from kvtrove.kv.keys import block_key
+from kvtrove.kv.keys import block_key, segment_key
 from kvtrove.kv.store import KVStore, LoadedChunk
+
+NO_PARENT = b"\0" * 16
+"""The parent key of a segment window (it names its own tokens only)."""
 
 
 class DeviceBlocks(Protocol):
+    num_layers: int
+
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy of blocks' KV: [layers, 2, KV heads, len(block_ids), block size, head dim]."""
 
     def write_block(self, block_id: int, kv: torch.Tensor) -> None:
         """Copy [layers, 2, KV heads, block size, head dim] into a block."""
+
+    def read_positions(self, req: Request, positions: torch.Tensor) -> torch.Tensor:
+        """A copy of the KV of a request's positions: [layers, parts, heads, len(positions), dim]."""
+
+    def place(self, req: Request, positions: torch.Tensor, kv: torch.Tensor, computed_at: torch.Tensor) -> torch.Tensor:
+        """Write stored KV (a copy, rotated in place) computed at positions `computed_at` into a request's
+        `positions`, its keys re-rotated."""
 
 
 @dataclass
@@ -56,6 +69,8 @@ class KVCacheManager:
         self.store = store if pool.enable_caching else None
         self.read_blocks = device.read_blocks if device is not None else None
         self.write_block = device.write_block if device is not None else None
+        self.device = device
+        self.num_layers = device.num_layers if device is not None else 0
         self.cost = cost or RecomputeCost(1.0, 0.0)
         self.tier_names = [t.name for t in self.store.tiers] if self.store is not None else []
         self.write_policy = write_policy
@@ -130,6 +145,81 @@ class KVCacheManager:
         self.pool.release(reversed(blocks))
         return blocks[:good], [c.tier for c in chunks[:good]]
 
+    # ---- blending (engine.blend) -----------------------------------------------------------------------
+
+    def find_segments(self, req: Request, start: int) -> list[int]:
+        """Start positions of stored segment windows in `req`'s prompt from `start` on (the last token is
+        always computed); [] when there is no store."""
+        if self.store is None or self.device is None:
+            return []
+        end = req.num_tokens - 1
+        if end - start < blend.MIN_RUN * self.block_size:
+            return []
+        keys = blend.window_keys(self.fingerprint, req.all_token_ids, start, end, self.block_size)
+        starts = blend.pick_windows(self.store.present(keys), start, end, self.block_size)
+        if blend.compute_fraction(req.blend, self.num_layers, end + 1 - start, len(starts) * self.block_size) >= blend.WORTH_BELOW:
+            return []  # too little found to beat a prefill
+        return starts
+
+    def assemble(self, req: Request, starts: list[int], options: blend.BlendOptions) -> int:
+        """Load the windows at `starts` into `req`'s blocks (allocated to the prompt's end) at their
+        positions, and set up its blended step; the number of tokens loaded (0: nothing to blend, the
+        request prefills as usual)."""
+        bs = self.block_size
+        want = [segment_key(self.fingerprint, req.all_token_ids[s : s + bs]) for s in starts]
+        found: list[tuple[int, LoadedChunk]] = []
+
+        def keep(i: int, chunk: LoadedChunk) -> None:
+            h = chunk.header
+            if h.token_ids == tuple(req.all_token_ids[starts[i] : starts[i] + bs]) and h.position is not None:
+                found.append((starts[i], chunk))  # else a hash collision or a chunk without its position
+
+        self.store.load(want, sink=keep)
+        if len(found) < blend.MIN_RUN:
+            return 0
+        covered = torch.cat([torch.arange(s, s + bs) for s, _ in found])
+        computed_at = torch.cat([torch.arange(c.header.position, c.header.position + bs) for _, c in found])
+        kv = self.device.place(req, covered, torch.cat([c.kv for _, c in found], 3), computed_at)
+        req.exact_until = req.num_computed_tokens
+        check = min(options.check_layer, kv.shape[0] - 1)
+        loaded_check = kv[check].clone() if options.ratio > 0 else None
+        req.blend_plan = blend.BlendPlan(options, req.num_computed_tokens, covered, loaded_check)
+        req.blend_covered = covered
+        return len(covered)
+
+    def _save_segments(self, req: Request) -> None:
+        """Queue the prompt's segment windows that the store lacks (from each explicit segment's start,
+        else from the prompt's; never over loaded KV of a blended prefill)."""
+        if self.store is None or self.device is None:
+            return
+        bs = self.block_size
+        covered = set(req.blend_covered.tolist()) if req.blend_covered is not None else set()
+        starts = []
+        for a, b in req.segments or [(0, len(req.prompt_token_ids))]:
+            starts += [s for s in range(a, b - bs + 1, bs) if covered.isdisjoint(range(s, s + bs))]
+        if not starts:
+            return
+        keys = {s: segment_key(self.fingerprint, req.all_token_ids[s : s + bs]) for s in starts}
+        todo = [s for s, present in zip(starts, self.store.present(list(keys.values()))) if not present]
+        if not todo:
+            return
+        kv = self.device.read_positions(req, torch.cat([torch.arange(s, s + bs) for s in todo]))
+        dtype = str(kv.dtype).removeprefix("torch.")
+        chunks = []
+        for j, s in enumerate(todo):
+            part = kv[:, :, :, j * bs : (j + 1) * bs]
+            header = ChunkHeader(
+                key=keys[s],
+                parent=NO_PARENT,
+                fingerprint=self.fingerprint,
+                dtype=dtype,
+                shape=tuple(part.shape),
+                token_ids=tuple(req.all_token_ids[s : s + bs]),
+                position=s,
+            )
+            chunks.append((header, part, self.cost.of_block(s, bs)))
+        self.store.save(chunks, first_tier_only=self.write_policy != "write_through")
+
     def prefetch(self, req: Request) -> None:
         """Start moving the stored part of a queued request's prefix into the fastest tier."""
         if self.store is not None:
@@ -163,7 +253,11 @@ class KVCacheManager:
         computed itself go to the store now (write_through) or wait for `_write_back` / `flush`."""
         if not self.pool.enable_caching:
             return
-        full = req.num_computed_tokens // self.block_size
+        if req.blend is not None and not req.segments_saved and req.num_computed_tokens >= len(req.prompt_token_ids):
+            req.segments_saved = True
+            self._save_segments(req)
+        exact = req.num_computed_tokens if req.exact_until is None else min(req.num_computed_tokens, req.exact_until)
+        full = exact // self.block_size
         self._extend_keys(req, full * self.block_size)
         new = []
         for i in range(full):
@@ -214,6 +308,7 @@ class KVCacheManager:
                 dtype=dtype,
                 shape=tuple(part.shape),
                 token_ids=token_ids,
+                position=i * self.block_size,
             )
             chunks.append((header, part, self.cost.of_block(i * self.block_size, self.block_size)))
         self.store.save(chunks, first_tier_only=not to_all)

@@ -29,6 +29,8 @@ class Request:
         max_tokens: int,
         detokenizer: Detokenizer,
         seed: int | None,
+        segments: list[tuple[int, int]] | None = None,
+        blend=None,
     ):
         self.request_id = request_id
         self.index = index
@@ -50,6 +52,19 @@ class Request:
         """Prompt tokens reused instead of computed when first scheduled, per tier (device, host, disk, ...)."""
         self.num_reused_blocks = 0
         """Leading blocks found cached (device or store) at the last admission; the rest were computed here."""
+        self.segments = segments
+        """Explicit segments of the prompt, as [start, end) token ranges; None: the prompt is one text."""
+        self.blend = blend
+        """`engine.blend.BlendOptions` when this request blends stored KV into its prompt; None: exact."""
+        self.blend_plan = None
+        """The loaded KV of a blended prefill, between admission and its step (`engine.blend.BlendPlan`)."""
+        self.blend_covered: torch.Tensor | None = None
+        """Positions of the last blended prefill that hold loaded (not recomputed) KV."""
+        self.exact_until: int | None = None
+        """Positions from here on hold blended KV (never registered or stored as exact); None: all exact."""
+        self.blend_counts: tuple[int, int] | None = None
+        """(prompt tokens reused by blending, loaded ones recomputed anyway) of the last blended prefill."""
+        self.segments_saved = False
         self.prefetch: Future | None = None
         """The store's copy of this request's stored prefix into its fastest tier, while queued."""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None

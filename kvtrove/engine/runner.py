@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtrove.engine import fused_decode
+from kvtrove.engine.blend import BlendPlan, BlendStep
 from kvtrove.engine.request import Request
 from kvtrove.engine.scheduler import ScheduledBatch
 from kvtrove.layers.attention import AttentionMetadata, PrefillSeq
@@ -21,6 +22,9 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         layers = model.attention_layers
+        self.num_layers = len(layers)
+        self.blend_totals = dict.fromkeys(("requests", "tokens_blended", "tokens_recomputed"), 0)
+        """Blended prefills run, prompt tokens they reused and found-but-recomputed (`cache_stats`)."""
         self.sliding_window: int | None = layers[0].sliding_window
         dtype = next(model.parameters()).dtype
         parts, heads, dim = cache_layout(model)
@@ -40,6 +44,22 @@ class ModelRunner:
     def write_block(self, block_id: int, kv: torch.Tensor) -> None:
         """Copy [layers, parts, heads, block size, dim] into a block."""
         self.kv_blocks[:, :, :, block_id].copy_(kv)
+
+    def read_positions(self, req: Request, positions: torch.Tensor) -> torch.Tensor:
+        """A copy of the KV of `req`'s `positions`: [layers, parts, heads, len(positions), dim]."""
+        return self.kv_cache.index_select(3, self._slots(req, int(positions.max()) + 1)[positions])
+
+    def place(self, req: Request, positions: torch.Tensor, kv: torch.Tensor, computed_at: torch.Tensor) -> torch.Tensor:
+        """Write stored KV [layers, parts, heads, n, dim] (a copy: its keys are rotated in place), computed
+        at positions `computed_at` [n], into `req`'s `positions` [n], its keys' RoPE part rotated by the
+        difference; returns what was written."""
+        delta = positions - computed_at
+        if delta.any():
+            rope = self.model.attention_layers[0].rope_dims
+            kv[:, 0, :, :, rope] = self.model.model.rotary.rerotate(kv[:, 0, :, :, rope], delta).to(kv.dtype)
+        slots = self._slots(req, int(positions.max()) + 1)[positions]
+        self.kv_cache.index_copy_(3, slots, kv)
+        return kv
 
     @staticmethod
     def block_shape(model: torch.nn.Module, block_size: int) -> tuple[int, ...]:
@@ -73,9 +93,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SampleResult | None]:
         """Run one step; samples for the requests whose known tokens are all computed after it."""
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
+        blended = [i for i, r in enumerate(batch.requests) if r.blend_plan is not None]
+        order = sorted(
+            (i for i in range(len(batch)) if i not in blended), key=lambda i: batch.num_new_tokens[i] != 1
+        )  # decodes first
         reqs = [batch.requests[i] for i in order]
         nums = [batch.num_new_tokens[i] for i in order]
+        rows = [self._blend(batch.requests[i], batch.num_new_tokens[i]) for i in blended]
+        if not reqs:
+            return self._sample([batch.requests[i] for i in blended], torch.cat(rows))
         ids, positions, slot_mapping, sample_rows, prefills, decode_ctx = [], [], [], [], [], []
         offset = 0
         for r, n in zip(reqs, nums):
@@ -108,11 +134,40 @@ class ModelRunner:
                 meta.decode_mask = ~self._mask(meta.decode_lens - 1, width)
         run = self.fused_decode if self.fused_decode and self.fused_decode.covers(meta) else self.model
         hidden = run(torch.tensor(ids), torch.cat(positions), meta)
-        if not sample_rows:
-            return [], None
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
         sampled = [r for r, n in zip(reqs, nums) if r.num_computed_tokens + n == r.num_tokens]
-        return sampled, sample(logits, self._sampling_batch(sampled))
+        sampled += [batch.requests[i] for i in blended]
+        return self._sample(sampled, torch.cat([hidden[torch.tensor(sample_rows, dtype=torch.long)], *rows]))
+
+    def _sample(self, reqs: list[Request], hidden: torch.Tensor) -> tuple[list[Request], SampleResult | None]:
+        if not reqs:
+            return [], None
+        return reqs, sample(self.model.compute_logits(hidden), self._sampling_batch(reqs))
+
+    def _blend(self, req: Request, n: int) -> torch.Tensor:
+        """Run a blended prefill (the rest of `req`'s prompt, `engine.blend`) alone; its last token's hidden
+        row [1, E]. Counts what was recomputed on the request."""
+        plan: BlendPlan = req.blend_plan
+        req.blend_plan = None
+        start, end = req.num_computed_tokens, req.num_computed_tokens + n
+        ctx = self._slots(req, end)
+        check = min(plan.options.check_layer, len(self.model.attention_layers) - 1)
+        step = BlendStep(plan, end, ctx, self.model.attention_layers[check].kv_cache, self.prefill_seq, self._mask)
+        meta = AttentionMetadata(
+            slot_mapping=ctx[start:],
+            num_decodes=0,
+            decode_slots=None,
+            decode_lens=None,
+            decode_mask=None,
+            prefills=[self.prefill_seq(0, start, n, ctx)],
+            blend=step,
+        )
+        hidden = self.model(torch.tensor(req.all_token_ids[start:end]), torch.arange(start, end), meta)
+        reused = 0 if step.selected is None else n - len(step.selected)  # every token not selected was loaded
+        req.blend_counts = (reused, len(plan.covered) - reused)
+        self.blend_totals["requests"] += 1
+        self.blend_totals["tokens_blended"] += reused
+        self.blend_totals["tokens_recomputed"] += len(plan.covered) - reused
+        return hidden[-1:]
 
     def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
         ps = [r.params for r in reqs]

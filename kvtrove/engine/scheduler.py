@@ -10,11 +10,13 @@ than start recomputing it in the room one prefill chunk needs.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import wait
 from dataclasses import dataclass
 
 from kvtrove.config import SchedulerConfig
+from kvtrove.engine import blend
 from kvtrove.engine.kv_cache_manager import KVCacheManager
 from kvtrove.engine.request import Request, Status
 
@@ -78,8 +80,20 @@ class Scheduler:
                 break  # its stored prefix needs room that running requests will free: wait, not recompute
             loaded, tiers = stored or ([], [])
             reused = cached + loaded
-            n = min(req.num_tokens - req.num_computed_tokens - len(reused) * bs, budget)
-            if not self.kv.allocate(req, n, reused):
+            rest = req.num_tokens - req.num_computed_tokens - len(reused) * bs
+            n = min(rest, budget)
+            starts = self.kv.find_segments(req, req.num_computed_tokens + len(reused) * bs) if req.blend else []
+            if starts:  # a blended prefill runs the whole rest of the prompt in one step
+                cost = math.ceil(rest * blend.compute_fraction(req.blend, self.kv.num_layers, rest, len(starts) * bs))
+                if cost > budget and any(n > 1 for n in out.num_new_tokens):
+                    break  # not beside another prefill: the next step (beside decodes it may exceed the budget)
+                if not self.kv.allocate(req, rest, reused):
+                    break
+                if self.kv.assemble(req, starts, req.blend):
+                    n = rest
+                else:  # nothing usable was loaded after all: an ordinary prefill of what the budget allows
+                    n = min(rest, budget)
+            elif not self.kv.allocate(req, n, reused):
                 break  # loaded blocks stay in the device cache for the next try
             self.waiting.popleft()
             req.num_reused_blocks = len(reused)
@@ -97,6 +111,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.exact_until = req.blend_covered = None  # planned afresh when admitted again
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = Status.WAITING

@@ -51,6 +51,9 @@ class ChunkHeader:
     shape: tuple[int, int, int, int, int]
     """[layers, 2, KV heads, tokens, head dim]"""
     token_ids: tuple[int, ...]
+    position: int | None = None
+    """Position of the first token when this KV was computed (RoPE was applied at position + i); None in
+    chunks written before positions were recorded (an exact-prefix chunk's is its block's start)."""
 
 
 def encode(header: ChunkHeader, kv: torch.Tensor) -> bytearray:
@@ -67,6 +70,7 @@ def encode(header: ChunkHeader, kv: torch.Tensor) -> bytearray:
             "dtype": header.dtype,
             "shape": list(header.shape),
             "token_ids": list(header.token_ids),
+            **({} if header.position is None else {"position": header.position}),
         },
         separators=(",", ":"),
     ).encode()
@@ -120,6 +124,7 @@ def decode(
             dtype=str(meta["dtype"]),
             shape=tuple(int(d) for d in meta["shape"]),
             token_ids=tuple(int(t) for t in meta["token_ids"]),
+            position=None if meta.get("position") is None else int(meta["position"]),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise ChunkError("header", f"unreadable header ({e})") from None
@@ -130,6 +135,8 @@ def decode(
     if shape is not None and header.shape != tuple(shape):
         raise ChunkError("shape", f"shape {header.shape}, expected {tuple(shape)}")
     shape = header.shape
+    if header.position is not None and header.position < 0:
+        raise ChunkError("header", f"position {header.position}")
     if len(shape) != 5 or min(shape) < 1 or len(header.token_ids) != shape[3]:
         raise ChunkError("shape", f"shape {shape} with {len(header.token_ids)} token ids")
     payload = body[_PREFIX.size + hlen :]

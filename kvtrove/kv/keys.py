@@ -1,4 +1,11 @@
-"""Content addresses of KV blocks: h_i = xxh3_128(h_{i-1} || token ids of block i), h_{-1} = model fingerprint."""
+"""Content addresses of KV chunks.
+
+Exact-prefix blocks chain: h_i = xxh3_128(h_{i-1} || token ids of block i), h_{-1} = model fingerprint,
+so a key names a block *and everything before it*. Segment windows (position-independent entries, for
+blending) do not chain: s = xxh3_128("segment" || fingerprint || token ids of the window) names the
+window's tokens alone, wherever they stood; the hashed input is 7 bytes longer than a chained block's of the same
+length, so the two kinds of key never come from the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -19,3 +26,7 @@ def chain_keys(parent: bytes, token_ids: Sequence[int], block_size: int) -> list
         parent = block_key(parent, token_ids[start : start + block_size])
         keys.append(parent)
     return keys
+
+
+def segment_key(fingerprint: bytes, token_ids: Sequence[int]) -> bytes:
+    return xxhash.xxh3_128_digest(b"segment" + fingerprint + np.asarray(token_ids, dtype="<i4").tobytes())

@@ -106,6 +106,18 @@ class KVStore:
                 break
         return runs
 
+    def present(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether any tier (or the write queue) holds each of `keys`, in any order (one batched query per
+        tier, each asked only for what the faster ones lack)."""
+        found = self._queued.present(keys)
+        for tier in self.tiers:
+            todo = [i for i, f in enumerate(found) if not f]
+            if not todo:
+                break
+            for i, f in zip(todo, tier.exists([keys[i] for i in todo])):
+                found[i] = f
+        return found
+
     def load(
         self, keys: Sequence[bytes], sink: Sink | None = None, runs: list[tuple[Tier | Queued, int]] | None = None
     ) -> list[LoadedChunk]:
@@ -321,6 +333,10 @@ class Queued:
             while n < len(keys) and keys[n] in self._chunks:
                 n += 1
             return n
+
+    def present(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            return [key in self._chunks for key in keys]
 
     def take(self, keys: Sequence[bytes]) -> list[LoadedChunk]:
         """The leading run of `keys` still queued, as loaded chunks."""

@@ -25,6 +25,9 @@ class PrefillSeq:
     """[L] KV slots of the whole context, new tokens included; None when nothing precedes the new tokens."""
     mask: torch.Tensor | None
     """[length, L] True where attention is allowed; None means plain causal over the new tokens."""
+    positions: torch.Tensor | None = None
+    """[length] positions of the new tokens when they are not the last `length` of the context (a blended
+    step's selection; ascending); `mask` then says the same for the torch path."""
 
 
 @dataclass
@@ -42,6 +45,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None
     """[B, L] True where attention is NOT allowed (padding, outside the window); None when nothing is masked."""
     prefills: list[PrefillSeq]
+    blend: object | None = None
+    """A blended prefill (`engine.blend.BlendStep`): from its `select_at` layer on, the model runs only the
+    tokens it selects."""
 
 
 class PagedAttention(nn.Module):
@@ -55,6 +61,8 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.cache_layout = (2, num_kv_heads, head_dim)
         """Per token: k and v, each [K, D]."""
+        self.rope_dims = slice(0, head_dim)
+        """The numbers of a cached key (part 0) that RoPE rotated, in rotate-half layout."""
         self.context_flops = 4 * num_heads * head_dim
         """FLOPs per new token per earlier token attended to (QK^T and PV)."""
         self.kv_cache: torch.Tensor | None = None  # [2, K, S, D], bound by the runner
@@ -75,7 +83,7 @@ class PagedAttention(nn.Module):
                 kp, vp = k[p.start : p.start + p.length], v[p.start : p.start + p.length]  # [n, K, D]
             else:  # the whole cache seen slot-major, [S, K, D]; the context is its rows p.context_slots
                 kp, vp = k_cache.transpose(0, 1), v_cache.transpose(0, 1)
-            out[p.start : p.start + p.length] = self._prefill(qp, kp, vp, p.mask, p.context_slots)
+            out[p.start : p.start + p.length] = self._prefill(qp, kp, vp, p.mask, p.context_slots, p.positions)
         return out.flatten(1)
 
     def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
@@ -116,16 +124,22 @@ class PagedAttention(nn.Module):
         return out.transpose(0, 1).reshape(B, K * G, D).to(k_cache.dtype)
 
     def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        slots: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [n, H, D] of the last n positions of a context of L; k/v [L, K, D], or with `slots` [L] the
         rows of k/v [S, K, D] that hold the context (the kernel reads them in place); `mask` [n, L] (None:
         plain causal) is causal within the sliding window, which the C++ kernel derives from the
-        positions. The kernel computes in float32 with the decode kernel's arithmetic (a token's output is
+        positions (the last n of L, or `positions` [n] when the new tokens are scattered). The kernel computes in float32 with the decode kernel's arithmetic (a token's output is
         the same whether it is prefilled or decoded); bf16 keys and values are widened as read, which is
         exact."""
         if self.kernels is not None and k.dtype in (torch.float32, torch.bfloat16):
-            out = self.kernels.prefill_attention(q.float(), k, v, self.scale, self.sliding_window or 0, slots)
+            out = self.kernels.prefill_attention(q.float(), k, v, self.scale, self.sliding_window or 0, slots, positions)
             return out.to(q.dtype)
         if slots is not None:
             k, v = k.index_select(0, slots), v.index_select(0, slots)

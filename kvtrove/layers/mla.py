@@ -29,6 +29,8 @@ class LatentAttention(nn.Module):
         self.sliding_window = None
         self.cache_layout = (1, 1, latent_dim + rope_dim)
         """Per token: one row, latent then rotated RoPE key."""
+        self.rope_dims = slice(latent_dim, latent_dim + rope_dim)
+        """The numbers of a cached row that RoPE rotated (de-interleaved: rotate-half layout)."""
         self.context_flops = 2 * num_heads * (2 * latent_dim + rope_dim)
         """FLOPs per new token per earlier token attended to (scores over R + P, then the latent sum)."""
         self.kv_cache: torch.Tensor | None = None  # [1, 1, S, R + P], bound by the runner
@@ -49,7 +51,9 @@ class LatentAttention(nn.Module):
                 # the first R numbers of each key row
                 ctx = (rows[p.start : p.start + p.length] if p.context_slots is None else cache)[:, None]
                 qp = q[p.start : p.start + p.length].float()
-                o = self.kernels.prefill_attention(qp, ctx, ctx[..., : self.latent_dim], self.scale, 0, p.context_slots)
+                o = self.kernels.prefill_attention(
+                    qp, ctx, ctx[..., : self.latent_dim], self.scale, 0, p.context_slots, p.positions
+                )
                 out[p.start : p.start + p.length] = o.to(out.dtype)
                 continue
             if p.context_slots is None:

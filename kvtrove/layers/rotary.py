@@ -30,6 +30,7 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self) -> None:
         with torch.device("cpu"):
             inv_freq, scale = inv_frequencies(self.hf_config, self.head_dim)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
             freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             sin = emb.sin() * scale
@@ -40,6 +41,18 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin rows of each token, [T, D] each."""
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+
+    def rerotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys x [..., n, D] (rotate-half layout) rotated at some positions, moved by `delta` [n] positions
+        (RoPE is a rotation per frequency pair, so R(p + d) = R(d) R(p); the cos/sin scale of scaled RoPE
+        types was applied once already and is not applied again). Computed in float32."""
+        angle = delta.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]  # [n, D/2]
+        cos, sin = angle.cos().float(), angle.sin().float()
+        x = x.float()
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,9 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [T, E]
         cos_sin = self.rotary(positions)
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if meta.blend is not None and i == meta.blend.select_at:  # a blended prefill: fewer tokens on
+                x, residual, cos_sin, meta = meta.blend.select(x, residual, cos_sin)
             x, residual = layer(x, residual, cos_sin, meta)
         return self.norm(x, residual)[0]
 

@@ -98,10 +98,10 @@ def create_app(
         check_model(body.model)
         try:
             params = body.sampling(body.max_tokens, body.logprobs)
+            prompts = body.prompts()
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        prompts = body.prompts()
         streams = [run(p, params, f"{rid}-{i}", "completions") for i, p in enumerate(prompts)]
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
@@ -264,7 +264,11 @@ def usage(finals: list[RequestOutput]) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in finals)},
+        "prompt_tokens_details": {
+            "cached_tokens": sum(o.cached_tokens for o in finals),
+            "blended_tokens": sum(o.blended_tokens for o in finals),
+            "blend_recomputed_tokens": sum(o.blend_recomputed_tokens for o in finals),
+        },
     }
 
 

@@ -25,6 +25,14 @@ class Metrics:
         self.cached_tokens = Counter(
             "kvtrove_cached_prompt_tokens", "Prompt tokens reused instead of computed, by tier", ["tier"], registry=r
         )
+        self.blended_tokens = Counter(
+            "kvtrove_blended_prompt_tokens", "Prompt tokens whose stored KV was blended in (kv_blend)", registry=r
+        )
+        self.blend_recomputed_tokens = Counter(
+            "kvtrove_blend_recomputed_prompt_tokens",
+            "Prompt tokens found stored that blending recomputed (they deviated most)",
+            registry=r,
+        )
         self.ttft = Histogram(
             "kvtrove_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -50,6 +58,8 @@ class Metrics:
                     self.prompt_tokens.inc(out.prompt_tokens)
                     if out.ttft_s is not None:
                         self.ttft.observe(out.ttft_s)
+                    self.blended_tokens.inc(out.blended_tokens)
+                    self.blend_recomputed_tokens.inc(out.blend_recomputed_tokens)
                     for tier, n in out.cached_tokens_by_tier.items():
                         self.cached_tokens.labels(tier).inc(n)
                 yield out

@@ -38,6 +38,9 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    kv_blend: bool | None = None
+    kv_blend_ratio: float | None = None
+    kv_blend_check_layer: int | None = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
 
@@ -65,6 +68,9 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            kv_blend=self.kv_blend,
+            kv_blend_ratio=self.kv_blend_ratio,
+            kv_blend_check_layer=self.kv_blend_check_layer,
         )
 
     @property
@@ -73,7 +79,9 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    segments: list[str | list[int]] | None = None
+    """kvtrove extension: the prompt as segments (strings or token-id lists), each a unit of blending."""
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ("echo", "suffix", "logit_bias", "best_of")
@@ -86,6 +94,10 @@ class CompletionRequest(_Common):
         return v
 
     def prompts(self) -> list[str | dict]:
+        if (self.prompt is None) == (self.segments is None):
+            raise ValueError("give either prompt or segments")
+        if self.segments is not None:
+            return [{"segments": self.segments}]
         p = self.prompt
         if isinstance(p, str):
             return [p]
@@ -128,8 +140,15 @@ class ChatCompletionRequest(_Common):
         "audio",
     )
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def chat_messages(self) -> list[dict]:
+        """Messages for the chat template; content-part lists stay lists (each part is a segment)."""
+        return [
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": [p.model_dump() for p in m.content] if isinstance(m.content, list) else m.text(),
+            }
+            for m in self.messages
+        ]
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -15,7 +15,8 @@
 // prefill_attention: q [n, H, D] (float32) of the last n positions of a context of L keys and values
 // (float32 or bfloat16): k [L, K, D] and v [L, K, Dv], or with `slots` [L] the rows slots[t] of k [S, K, D]
 // and v [S, K, Dv] (the paged cache seen slot-major, read in place: no gathered copy). -> [n, H, Dv]
-// float32.
+// float32. With `positions` [n] (ascending, each < L) the new tokens sit at those positions instead
+// (a blended step's scattered selection): token i sees keys up to positions[i].
 // MLA passes its latent cache as the keys and a view of its first Dv numbers as the values.
 #include <torch/types.h>
 #include <ATen/Parallel.h>
@@ -319,10 +320,12 @@ struct Views {
   const float* q;
   const T *k, *v;
   const int64_t* slots;  // key position t lies in row slots[t] of k and v (nullptr: row t)
+  const int64_t* positions;  // new token t is at positions[t] (nullptr: at L - n + t)
   int64_t qs_t, qs_h, ks_t, ks_h, vs_t, vs_h;  // strides (elements) over tokens (rows) and heads
   int64_t n, L, H, K, D, Dv, window;  // D: the query / key width, Dv: the value width
   float scale;
   int64_t row(int64_t t) const { return slots != nullptr ? slots[t] : t; }
+  int64_t pos(int64_t t) const { return positions != nullptr ? positions[t] : L - n + t; }
 };
 
 // The query rows of KV head h and new tokens [t0, t1), each token with its G query heads (row r =
@@ -335,7 +338,7 @@ struct Rows {
   std::vector<char> started;
   template <typename T>
   Rows(const Views<T>& a, int64_t h_, int64_t t0, int64_t t1) : h(h_), count((t1 - t0) * (a.H / a.K)) {
-    const int64_t G = a.H / a.K, offset = a.L - a.n;
+    const int64_t G = a.H / a.K;
     q.resize(count * a.D);
     o.resize(count * a.Dv);
     m.resize(count);
@@ -344,7 +347,7 @@ struct Rows {
     hi.resize(count);
     started.assign(count, 0);
     for (int64_t r = 0; r < count; ++r) {
-      const int64_t t = t0 + r / G, g = r % G, pos = offset + t;
+      const int64_t t = t0 + r / G, g = r % G, pos = a.pos(t);
       const float* src = a.q + t * a.qs_t + (h * G + g) * a.qs_h;
       for (int64_t d = 0; d < a.D; ++d) q[r * a.D + d] = src[d] * a.scale;
       hi[r] = pos + 1;
@@ -482,7 +485,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 }
 
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                                int64_t window, const c10::optional<torch::Tensor>& slots) {
+                                int64_t window, const c10::optional<torch::Tensor>& slots,
+                                const c10::optional<torch::Tensor>& positions) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.size(0) == v.size(0) && k.size(1) == v.size(1),
               "prefill_attention: q [n, H, D], k [L, K, D] and v [L, K, Dv] expected");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "prefill_attention: float32 queries expected");
@@ -501,16 +505,27 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), L = slots.has_value() ? sl.size(0) : rows;
   const int64_t K = k.size(1), Dv = v.size(2);
   TORCH_CHECK(k.size(2) == D && H % K == 0 && n <= L && n > 0, "prefill_attention: shapes do not match");
+  torch::Tensor ps;
+  if (positions.has_value()) {
+    ps = positions->contiguous();
+    TORCH_CHECK(ps.dim() == 1 && ps.scalar_type() == at::kLong && ps.size(0) == n,
+                "prefill_attention: positions [n] int64 expected");
+    const int64_t* p = ps.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(p[i] >= 0 && p[i] < L && (i == 0 || p[i] > p[i - 1]),
+                  "prefill_attention: positions must ascend within the context of ", L);
+  }
   auto out = torch::empty({n, H, Dv}, q.options());
   const int64_t* sp = slots.has_value() ? sl.data_ptr<int64_t>() : nullptr;
+  const int64_t* pp = positions.has_value() ? ps.data_ptr<int64_t>() : nullptr;
   if (k.scalar_type() == at::kFloat) {
-    prefill_kernel(Views<float>{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), sp, q.stride(0),
+    prefill_kernel(Views<float>{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), sp, pp, q.stride(0),
                                 q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, Dv,
                                 window, static_cast<float>(scale)},
                    out.data_ptr<float>());
   } else {
     using BF = c10::BFloat16;
-    prefill_kernel(Views<BF>{q.data_ptr<float>(), k.data_ptr<BF>(), v.data_ptr<BF>(), sp, q.stride(0), q.stride(1),
+    prefill_kernel(Views<BF>{q.data_ptr<float>(), k.data_ptr<BF>(), v.data_ptr<BF>(), sp, pp, q.stride(0), q.stride(1),
                              k.stride(0), k.stride(1), v.stride(0), v.stride(1), n, L, H, K, D, Dv, window,
                              static_cast<float>(scale)},
                    out.data_ptr<float>());

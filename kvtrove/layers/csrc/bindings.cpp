@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "single-token attention over the paged KV cache");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prefill's new tokens over their context",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("scale"), pybind11::arg("window"),
-        pybind11::arg("slots") = pybind11::none());
+        pybind11::arg("slots") = pybind11::none(), pybind11::arg("positions") = pybind11::none());
   m.def("linear", &linear, "linear layer: y = x W^T (+ b), one arithmetic for any number of tokens");
   m.def("add_rms_norm", &add_rms_norm, "RMSNorm, after adding x into the residual in place when one is given");
   m.def("rope_store", &rope_store, "RoPE on q/k heads in place, then k/v into the paged cache");

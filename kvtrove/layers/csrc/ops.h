@@ -6,7 +6,8 @@
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                            torch::Tensor lens, double scale, int64_t window);
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                                int64_t window, const c10::optional<torch::Tensor>& slots);
+                                int64_t window, const c10::optional<torch::Tensor>& slots,
+                                const c10::optional<torch::Tensor>& positions);
 // w: weights packed by layers/linear.py pack_weight for n outputs
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const c10::optional<torch::Tensor>& bias);
 torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
