@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--header-queries", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--decay-queries", type=int, default=200)
-    ap.add_argument("--decay-host-gb", type=float, default=1.0)
+    ap.add_argument("--decay-host-gb", type=float, default=0.4, help="small enough to fill and evict")
     ap.add_argument("--plot", default="bench/results/blend_decay.png")
     args = ap.parse_args()
     print(f"hardware: {hardware()}")

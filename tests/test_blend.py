@@ -215,8 +215,9 @@ def test_blend_options_are_validated(tiny_model, tmp_path):
     for bad in ({"kv_blend_ratio": 1.5}, {"kv_blend_ratio": "x"}, {"kv_blend_check_layer": -1}):
         with pytest.raises(ValueError, match="kv_blend"):
             SamplingParams(**bad)
-    with pytest.raises(ValueError, match="not a layer"):
-        blend_engine(path, tmp_path, kv_blend=True, kv_blend_check_layer=5)
+    for layer in (1, 5):  # the tiny model has layers 0-1: a check layer must leave one after it
+        with pytest.raises(ValueError, match="leaves no layer after it"):
+            blend_engine(path, tmp_path, kv_blend=True, kv_blend_check_layer=layer)
     with pytest.raises(ValueError, match="needs the KV store"):
         LLM(model=str(path), num_blocks=64, kv_host_gb=0, kv_disk_gb=0, kv_blend=True)
 

@@ -106,12 +106,14 @@ class BlendStep:
         end: int,
         context_slots: torch.Tensor,
         check_cache: torch.Tensor,
-        prefill_seq: Callable[[int, int, int, torch.Tensor], PrefillSeq],
-        mask: Callable[[torch.Tensor, int], torch.Tensor],
+        first: PrefillSeq,
+        mask: Callable[[torch.Tensor, int], torch.Tensor] | None,
     ):
+        """`first`: the step's attention input over every token; `mask(positions, L)`: what tokens at
+        `positions` see of a context of L (None: the kernels derive it from the positions)."""
         self.plan, self.end, self.context_slots = plan, end, context_slots
         self.check_cache = check_cache  # [parts, heads, slots, dim] of the check layer
-        self.prefill_seq, self.mask = prefill_seq, mask
+        self.first, self.mask = first, mask
         ratio = plan.options.ratio
         self.select_at = plan.options.check_layer + 1 if ratio > 0 else 0
         self.selected: torch.Tensor | None = None
@@ -141,11 +143,11 @@ class BlendStep:
         self.selected = sel
         start = self.plan.start
         if len(sel) == self.end - start:  # every token: the step goes on unchanged
-            prefill = self.prefill_seq(0, start, len(sel), self.context_slots)
-            return x, residual, cos_sin, self._meta(sel, prefill)
+            return x, residual, cos_sin, self._meta(sel, self.first)
         rows = sel - start
-        # one attention call for the scattered selection, its causal (and window) mask given explicitly
-        prefill = PrefillSeq(0, len(sel), self.context_slots[: self.end], self.mask(sel, self.end), positions=sel)
+        # one attention call for the scattered selection, at their positions
+        mask = None if self.mask is None else self.mask(sel, self.end)
+        prefill = PrefillSeq(0, len(sel), self.context_slots[: self.end], mask, positions=sel)
         cos, sin = cos_sin
         return (
             x.index_select(0, rows),

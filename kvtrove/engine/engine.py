@@ -313,8 +313,11 @@ class Engine:
             )
         ratio = cc.kv_blend_ratio if params.kv_blend_ratio is None else params.kv_blend_ratio
         layer = cc.kv_blend_check_layer if params.kv_blend_check_layer is None else params.kv_blend_check_layer
-        if layer >= self.runner.num_layers:
-            raise ValueError(f"kv_blend_check_layer {layer} is not a layer of this model (0-{self.runner.num_layers - 1})")
+        if layer >= self.runner.num_layers - 1:
+            raise ValueError(
+                f"kv_blend_check_layer {layer} leaves no layer after it: this model's layers are "
+                f"0-{self.runner.num_layers - 1}, so at most {self.runner.num_layers - 2}"
+            )
         return BlendOptions(float(ratio), int(layer))
 
     def abort_request(self, request_id: str) -> None:
@@ -367,9 +370,10 @@ class Engine:
         if not batch:
             return []
         t0 = time.perf_counter()
+        blended = any(r.blend_plan is not None for r in batch.requests)
         sampled, result = self.runner.execute(batch)
         prefill = sum(n for n in batch.num_new_tokens if n > 1)
-        if prefill >= MIN_PREFILL_SAMPLE:  # teaches the store how fast recomputing is
+        if prefill >= MIN_PREFILL_SAMPLE and not blended:  # teaches the store how fast recomputing is
             self.break_even.observe_prefill(sum(batch.num_new_tokens), time.perf_counter() - t0)
         for r, n in zip(batch.requests, batch.num_new_tokens):
             r.num_computed_tokens += n

@@ -174,7 +174,7 @@ class KVCacheManager:
             if h.token_ids == tuple(req.all_token_ids[starts[i] : starts[i] + bs]) and h.position is not None:
                 found.append((starts[i], chunk))  # else a hash collision or a chunk without its position
 
-        self.store.load(want, sink=keep)
+        self.store.load(want, sink=keep, count=False)  # blended tokens are counted by the step
         if len(found) < blend.MIN_RUN:
             return 0
         covered = torch.cat([torch.arange(s, s + bs) for s, _ in found])
@@ -194,9 +194,10 @@ class KVCacheManager:
             return
         bs = self.block_size
         covered = set(req.blend_covered.tolist()) if req.blend_covered is not None else set()
-        starts = []
+        starts = set()
         for a, b in req.segments or [(0, len(req.prompt_token_ids))]:
-            starts += [s for s in range(a, b - bs + 1, bs) if covered.isdisjoint(range(s, s + bs))]
+            starts.update(s for s in range(a, b - bs + 1, bs) if covered.isdisjoint(range(s, s + bs)))
+        starts = sorted(starts)
         if not starts:
             return
         keys = {s: segment_key(self.fingerprint, req.all_token_ids[s : s + bs]) for s in starts}

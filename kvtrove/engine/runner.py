@@ -150,15 +150,21 @@ class ModelRunner:
         req.blend_plan = None
         start, end = req.num_computed_tokens, req.num_computed_tokens + n
         ctx = self._slots(req, end)
-        check = min(plan.options.check_layer, len(self.model.attention_layers) - 1)
-        step = BlendStep(plan, end, ctx, self.model.attention_layers[check].kv_cache, self.prefill_seq, self._mask)
+        layers = self.model.attention_layers
+        check = min(plan.options.check_layer, len(layers) - 1)
+        if layers[0].kernels is not None:  # the kernel derives what each token sees from positions: no masks
+            first = PrefillSeq(0, n, ctx if start else None, None)
+            mask = None
+        else:
+            first, mask = self.prefill_seq(0, start, n, ctx), self._mask
+        step = BlendStep(plan, end, ctx, layers[check].kv_cache, first, mask)
         meta = AttentionMetadata(
             slot_mapping=ctx[start:],
             num_decodes=0,
             decode_slots=None,
             decode_lens=None,
             decode_mask=None,
-            prefills=[self.prefill_seq(0, start, n, ctx)],
+            prefills=[first],
             blend=step,
         )
         hidden = self.model(torch.tensor(req.all_token_ids[start:end]), torch.arange(start, end), meta)

@@ -87,12 +87,11 @@ class Scheduler:
                 cost = math.ceil(rest * blend.compute_fraction(req.blend, self.kv.num_layers, rest, len(starts) * bs))
                 if cost > budget and any(n > 1 for n in out.num_new_tokens):
                     break  # not beside another prefill: the next step (beside decodes it may exceed the budget)
-                if not self.kv.allocate(req, rest, reused):
+                if self.kv.allocate(req, rest, reused):
+                    if self.kv.assemble(req, starts, req.blend):
+                        n = rest  # (else nothing usable was loaded: an ordinary prefill in these blocks)
+                elif not self.kv.allocate(req, n, reused):  # no room for the whole prompt: an ordinary prefill
                     break
-                if self.kv.assemble(req, starts, req.blend):
-                    n = rest
-                else:  # nothing usable was loaded after all: an ordinary prefill of what the budget allows
-                    n = min(rest, budget)
             elif not self.kv.allocate(req, n, reused):
                 break  # loaded blocks stay in the device cache for the next try
             self.waiting.popleft()

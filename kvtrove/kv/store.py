@@ -119,7 +119,11 @@ class KVStore:
         return found
 
     def load(
-        self, keys: Sequence[bytes], sink: Sink | None = None, runs: list[tuple[Tier | Queued, int]] | None = None
+        self,
+        keys: Sequence[bytes],
+        sink: Sink | None = None,
+        runs: list[tuple[Tier | Queued, int]] | None = None,
+        count: bool = True,
     ) -> list[LoadedChunk]:
         """The chunks of the longest run of `keys`, from the first, that the tiers hold and that verify
         (`runs`: what `find` said of these keys, not asked again).
@@ -127,13 +131,15 @@ class KVStore:
         `sink(i, chunk)` receives each chunk as soon as it is verified (copying it while its bytes are
         still in the CPU cache). Hits from slower tiers are copied into the faster ones in the
         background. A chunk that `prefetch` brought up is reported (and counted) as coming from the
-        tier it was read from.
+        tier it was read from. `count=False` leaves the chunks out of the tiers' tokens saved (blending
+        counts what it reused itself).
         """
         out = self._load(keys, prefetching=False, sink=sink, runs=runs)
         with self._lock:
             for c in out:
                 c.tier = self._origin.pop(c.header.key, c.tier)
-                self.tokens_loaded[c.tier] += c.header.shape[3]
+                if count:
+                    self.tokens_loaded[c.tier] += c.header.shape[3]
         return out
 
     def _load(
