@@ -129,13 +129,14 @@ def main() -> None:
         ttft["full"].append(t_full)
         ttft["prefix"].append(t_prefix)
         ttft["blend"].append(t_blend)
-        agree += answer_word(got.text) == answer_word(want.text)
+        same = answer_word(got.text) == answer_word(want.text)
+        agree += same
         prompt_tokens.append(got.prompt_tokens)
         blended.append(got.blended_tokens)
         print(
             f"  query {i + 1}: {got.prompt_tokens} tokens, {got.blended_tokens} blended + "
             f"{got.blend_recomputed_tokens} recomputed | full {t_full:.2f} s, prefix {t_prefix:.2f} s, "
-            f"blend {t_blend:.2f} s | answers {'agree' if answer_word(got.text) == answer_word(want.text) else 'differ'}: "
+            f"blend {t_blend:.2f} s | answers {'agree' if same else 'differ'}: "
             f"{want.text!r} / {got.text!r}"
         )
     mean = {k: statistics.mean(v) for k, v in ttft.items()}

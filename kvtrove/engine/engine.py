@@ -181,7 +181,7 @@ class Engine:
             for i, seg in enumerate(segs):
                 if isinstance(seg, str):
                     part = self.tokenizer.encode(seg, add_special_tokens=False)
-                elif isinstance(seg, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in seg):
+                elif isinstance(seg, (list, tuple)) and all(type(t) is int for t in seg):
                     part = self._checked_ids(list(seg), f"segment {i}")
                 else:
                     raise ValueError(f"segment {i} must be a string or a list of token ids, got {type(seg).__name__}")
