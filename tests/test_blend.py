@@ -15,6 +15,7 @@ import transformers
 from kvtrove import LLM, SamplingParams
 from kvtrove.engine import blend
 from kvtrove.layers.rotary import RotaryEmbedding, apply_rotary
+from tests.conftest import ARCHS
 from tests.helpers import assert_all_blocks_free, prompt_logits
 from tests.test_invariance import LogitsTap, make_prompts
 
@@ -38,17 +39,8 @@ def logits(llm: LLM, prompt: list[int], params: SamplingParams = GREEDY):
 
 ROPES = {
     "default": {},
-    "linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
-    "llama3": {
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        }
-    },
+    "linear": ARCHS["llama-rope-linear"][1],
+    "llama3": ARCHS["llama-rope-llama3"][1],
     "yarn": {
         "rope_parameters": {
             "rope_type": "yarn",
