@@ -175,3 +175,18 @@ def test_chunks_queued_for_writing_are_found_and_loaded_meanwhile(tmp_path):
     assert s.stats()["host"]["entries"] == 3 and s._queued.prefix_hits(keys(3)) == 0  # written: queue empty
     assert len(s.load(keys(4))) == 3
     s.close()
+
+
+def test_chunks_written_between_find_and_load_are_read_from_their_tier(tmp_path):
+    """A chunk the writer stores after `find` saw it queued is read from the tier it went to, not lost."""
+    s = store(tmp_path)
+    gate = threading.Event()
+    s._jobs.put(gate.wait)
+    s.save([(*chunk(i), 0.0) for i in range(3)], first_tier_only=True)
+    runs = s.find(keys(3))
+    assert runs == [(s._queued, 3)]
+    gate.set()
+    s.flush()  # written meanwhile: the queue is empty
+    got = s.load(keys(3), runs=runs)
+    assert [int(c.kv[0, 0, 0, 0, 0]) for c in got] == [0, 1, 2] and [c.tier for c in got] == ["host"] * 3
+    s.close()

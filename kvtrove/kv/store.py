@@ -151,7 +151,10 @@ class KVStore:
     ) -> list[LoadedChunk | None]:
         """`load`; when `prefetching`, chunks already in the fastest tier are skipped (None) instead of read."""
         out: list[LoadedChunk] = []
-        for tier, n in self.find(keys) if runs is None else runs:
+        plan = list(self.find(keys) if runs is None else runs)
+        asked_again = False
+        while plan:
+            tier, n = plan.pop(0)
             rest = keys[len(out) :]
             if prefetching and tier in (self._queued, self.tiers[0]):  # nothing to copy up
                 out.extend([None] * n)
@@ -162,8 +165,11 @@ class KVStore:
                     if sink is not None:
                         sink(len(out), chunk)
                     out.append(chunk)
-                if len(got) < n:  # written (and maybe evicted) since `find`: the rest is recomputed
-                    return out
+                if len(got) < n:  # written since `find`: the tiers are asked once more for the rest
+                    if asked_again:
+                        return out
+                    asked_again = True
+                    plan = self.find(keys[len(out) :])
                 continue
             if self.break_even is not None and not self.break_even.worth_loading(tier.name):
                 self.skipped[tier.name] += 1
