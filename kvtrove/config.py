@@ -120,11 +120,12 @@ WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
 """When device KV blocks reach the store (SGLang HiCache's names); `CacheConfig.kv_write_policy`."""
 
 
-def check_blend(ratio, check_layer) -> None:
+def check_blend(ratio, check_layer, head_tokens) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         raise ValueError(f"kv_blend_ratio must be a number in [0, 1], got {ratio!r}")
-    if isinstance(check_layer, bool) or not isinstance(check_layer, int) or check_layer < 0:
-        raise ValueError(f"kv_blend_check_layer must be an integer >= 0, got {check_layer!r}")
+    for name, value in (("kv_blend_check_layer", check_layer), ("kv_blend_head_tokens", head_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass
@@ -155,6 +156,11 @@ class CacheConfig:
     kv_blend_ratio: float = opt(0.15, "Blending: share of the loaded tokens recomputed (those whose KV deviates most).")
     kv_blend_check_layer: int = opt(
         1, "Blending: the layer (0-based) up to which every token is recomputed and where the deviation is measured."
+    )
+    kv_blend_head_tokens: int = opt(
+        4,
+        "Blending: the first tokens of each run of loaded KV also recomputed at every layer (the text before "
+        "them changed, and they attend mostly to it).",
     )
     kv_remote: str | None = opt(
         None,
@@ -195,7 +201,7 @@ class CacheConfig:
                     f"eviction must be one of {POLICIES} or per tier like 'host=cost,disk=lru', got {self.eviction!r}"
                 )
         self.eviction = self.eviction.replace(" ", "")
-        check_blend(self.kv_blend_ratio, self.kv_blend_check_layer)
+        check_blend(self.kv_blend_ratio, self.kv_blend_check_layer, self.kv_blend_head_tokens)
         if self.kv_write_policy not in WRITE_POLICIES:
             raise ValueError(f"kv_write_policy must be one of {WRITE_POLICIES}, got {self.kv_write_policy!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -32,20 +32,22 @@ class SamplingParams:
     skip_special_tokens: bool = True
     kv_blend: bool | None = None
     """Blend stored KV of known text into this prompt (approximate; `CacheConfig.kv_blend`); None -> the
-    engine's setting. With it, kv_blend_ratio / kv_blend_check_layer (None -> the engine's) tune it."""
+    engine's setting. With it, kv_blend_ratio / kv_blend_check_layer / kv_blend_head_tokens (None -> the
+    engine's) tune it."""
     kv_blend_ratio: float | None = None
     kv_blend_check_layer: int | None = None
+    kv_blend_head_tokens: int | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
         if self.kv_blend is not None and not isinstance(self.kv_blend, bool):
             raise ValueError(f"kv_blend must be true, false or null, got {self.kv_blend!r}")
-        if self.kv_blend_ratio is not None or self.kv_blend_check_layer is not None:
-            check_blend(
-                0.0 if self.kv_blend_ratio is None else self.kv_blend_ratio,
-                0 if self.kv_blend_check_layer is None else self.kv_blend_check_layer,
-            )
+        check_blend(
+            0.0 if self.kv_blend_ratio is None else self.kv_blend_ratio,
+            0 if self.kv_blend_check_layer is None else self.kv_blend_check_layer,
+            0 if self.kv_blend_head_tokens is None else self.kv_blend_head_tokens,
+        )
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, 1)
         _check_number("temperature", self.temperature)

@@ -95,7 +95,7 @@ def test_ratio_zero_reuses_loaded_kv_and_layer_zero_matches_fresh(arch, tiny_mod
     first = [5, *passage(12, 40), *doc, *passage(13, 9)]
     offset = 1 + 23
     second = [5, *passage(14, 23), *doc, *passage(15, 30)]
-    llm = blend_engine(path, tmp_path, kv_blend=True, kv_blend_ratio=0.0)
+    llm = blend_engine(path, tmp_path, kv_blend=True, kv_blend_ratio=0.0, kv_blend_head_tokens=0)
     logits(llm, first)
     eng = llm.engine
     eng.pool.reset_cache()
@@ -122,6 +122,37 @@ def test_ratio_zero_reuses_loaded_kv_and_layer_zero_matches_fresh(arch, tiny_mod
     torch.testing.assert_close(kv[0][:, :, covered], fresh[0][:, :, covered], atol=1e-4, rtol=1e-4)
     # and at the last layer the covered tokens keep what was loaded: not what a fresh prefill computes
     assert not torch.allclose(kv[-1][:, :, covered], fresh[-1][:, :, covered], atol=1e-4)
+
+
+def test_head_tokens_of_a_run_are_recomputed_at_every_layer(tiny_model, tmp_path):
+    """The first kv_blend_head_tokens of a found run are recomputed at every layer: with exact text before
+    them, their KV is a full prefill's, bitwise, at every layer; the tokens after them keep loaded KV."""
+    path = tiny_model("llama")
+    doc = passage(21, 80)
+    llm = blend_engine(path, tmp_path, kv_blend=True, kv_blend_ratio=0.0, kv_blend_head_tokens=3)
+    logits(llm, [5, *passage(22, 40), *doc, *passage(23, 9)])
+    second = [5, *passage(24, 23), *doc, *passage(25, 30)]
+    eng = llm.engine
+    eng.pool.reset_cache()
+    captured = {}
+    run = eng.runner._blend
+
+    def keep(req, n):
+        row = run(req, n)
+        captured["kv"] = eng.runner.kv_cache.index_select(3, eng.runner._slots(req, len(second))).clone()
+        captured["covered"] = req.blend_covered.clone()
+        return row
+
+    eng.runner._blend = keep
+    out = llm.generate({"prompt_token_ids": second}, GREEDY)[0]
+    covered = captured["covered"]
+    assert out.blend_recomputed_tokens == 3 and out.blended_tokens == len(covered) - 3
+    plain = LLM(model=str(path), block_size=16, num_blocks=128, kv_host_gb=0, kv_disk_gb=0)
+    prompt_logits(plain, second)
+    fresh = plain.engine.runner.kv_cache[:, :, :, : len(second)]
+    heads, after = covered[:3], covered[3:]
+    assert torch.equal(captured["kv"][:, :, :, heads], fresh[:, :, :, heads])
+    assert not torch.allclose(captured["kv"][-1][:, :, after], fresh[-1][:, :, after], atol=1e-4)
 
 
 def test_pasted_passage_is_found_and_unknown_text_prefilled(smollm_path, tmp_path):
@@ -204,7 +235,8 @@ def test_bad_segments_are_refused(tiny_model, tmp_path, prompt, match):
 
 def test_blend_options_are_validated(tiny_model, tmp_path):
     path = tiny_model("llama")
-    for bad in ({"kv_blend_ratio": 1.5}, {"kv_blend_ratio": "x"}, {"kv_blend_check_layer": -1}):
+    bad_options = ({"kv_blend_ratio": 1.5}, {"kv_blend_ratio": "x"}, {"kv_blend_check_layer": -1}, {"kv_blend_head_tokens": 1.5})
+    for bad in bad_options:
         with pytest.raises(ValueError, match="kv_blend"):
             SamplingParams(**bad)
     for layer in (1, 5):  # the tiny model has layers 0-1: a check layer must leave one after it
@@ -277,7 +309,9 @@ def test_rag_answers_agree_with_full_prefill(smollm_path, tmp_path, monkeypatch)
         prompt = chat([*[pool[i] for i in picked], f"What is the {FACTS[k][0]}?"])
         want = full.generate(prompt, SamplingParams(temperature=0, max_tokens=12, logprobs=20))[0]
         for r in ratios:
-            got = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, logprobs=20, kv_blend_ratio=r))[0]
+            naive = {"kv_blend_head_tokens": 0} if r == 0 else {}  # ratio 0 and no head tokens: plain reuse
+            params = SamplingParams(temperature=0, max_tokens=12, logprobs=20, kv_blend_ratio=r, **naive)
+            got = llm.generate(prompt, params)[0]
             assert got.blended_tokens + got.blend_recomputed_tokens > 0.5 * got.prompt_tokens
             agree[r] += answer_word(got.text) == answer_word(want.text)
             p, q = want.logprobs[0], got.logprobs[0]  # the first token: KL over the reference's top 20

@@ -20,9 +20,11 @@ rotated by the position difference in float32 (`RotaryEmbedding.rerotate`).
 The step. The whole rest of the prompt runs in one step. Layers up to `check_layer` run over every token
 after the exact prefix, writing fresh KV over the loaded one; there, each loaded token's fresh K/V is
 compared with what was loaded, and the layers after it run only the tokens not covered by a hit, the
-`ratio` of covered tokens whose KV deviates most, and the last token, attending over the blended cache
-(one attention call: the kernel takes the selection's positions). Ratio 1 is exactly a prefill; ratio 0 is plain
-reuse (nothing recomputed at any layer for covered tokens).
+first `head_tokens` of each run of hits (the text before a run is not what its KV was computed after),
+the `ratio` of the other covered tokens whose KV deviates most, and the last token, attending over the
+blended cache (one attention call: the kernel takes the selection's positions). Ratio 1 is exactly a
+prefill; ratio 0 with no head tokens is plain reuse (nothing recomputed at any layer for covered
+tokens; head tokens alone are selected at layer 0).
 
 Blended KV is never exact: its blocks are never registered or stored under exact-prefix keys.
 """
@@ -48,6 +50,8 @@ WORTH_BELOW = 0.9
 class BlendOptions:
     ratio: float
     check_layer: int
+    head_tokens: int = 0
+    """The first tokens of each run of loaded KV, recomputed at every layer."""
 
 
 def window_keys(fingerprint: bytes, token_ids: Sequence[int], start: int, end: int, width: int) -> list[bytes]:
@@ -77,10 +81,18 @@ def pick_windows(present: Sequence[bool], start: int, end: int, width: int) -> l
     return picked
 
 
-def compute_fraction(options: BlendOptions, num_layers: int, num_tokens: int, num_covered: int) -> float:
-    """Share of a plain prefill's work a blended step does (linear layers; attention scales alike)."""
+def count_runs(starts: Sequence[int], width: int) -> int:
+    """Runs of adjacent windows among ascending window starts."""
+    return sum(1 for i, s in enumerate(starts) if i == 0 or starts[i - 1] + width != s)
+
+
+def compute_fraction(options: BlendOptions, num_layers: int, num_tokens: int, starts: Sequence[int], width: int) -> float:
+    """Share of a plain prefill's work a blended step of `num_tokens` does whose windows at `starts` (of
+    `width` tokens) were found (linear layers; attention scales alike)."""
+    covered = len(starts) * width
     full = min(options.check_layer + 1, num_layers) / num_layers if options.ratio > 0 else 0.0
-    rest = (num_tokens - num_covered + options.ratio * num_covered + 1) / num_tokens
+    heads = min(covered, options.head_tokens * count_runs(starts, width))
+    rest = (num_tokens - covered + heads + options.ratio * (covered - heads) + 1) / num_tokens
     return full + (1 - full) * min(1.0, rest)
 
 
@@ -115,25 +127,33 @@ class BlendStep:
         self.check_cache = check_cache  # [parts, heads, slots, dim] of the check layer
         self.first, self.mask = first, mask
         ratio = plan.options.ratio
-        self.select_at = plan.options.check_layer + 1 if ratio > 0 else 0
+        self.select_at = plan.options.check_layer + 1 if ratio > 0 else 0  # (heads alone need no check layer)
         self.selected: torch.Tensor | None = None
         """[m] positions that ran through every layer (set by `select`)."""
 
     def choose(self) -> torch.Tensor:
-        """Positions to recompute after the check layer: uncovered ones, the most deviating covered ones, the last."""
-        plan = self.plan
+        """Positions to recompute after the check layer: uncovered ones, the first `head_tokens` of each run
+        of covered ones, the `ratio` of the other covered ones whose KV deviates most, and the last."""
+        plan, covered = self.plan, self.plan.covered
         keep = torch.ones(self.end - plan.start, dtype=torch.bool)
-        keep[plan.covered - plan.start] = False
-        n = len(plan.covered)
+        keep[covered - plan.start] = False
+        # where a run starts, the text before it is not the text its KV was computed after
+        first = torch.ones(len(covered), dtype=torch.bool)
+        first[1:] = covered[1:] != covered[:-1] + 1
+        run_start = torch.cummax(torch.where(first, torch.arange(len(covered)), 0), 0).values
+        head = torch.arange(len(covered)) - run_start < plan.options.head_tokens
+        keep[covered[head] - plan.start] = True
+        rest = torch.nonzero(~head)[:, 0]
+        n = len(rest)
         k = min(n, int(np.ceil(plan.options.ratio * n)))
         if 0 < k:
             if k < n:
-                fresh = self.check_cache.index_select(2, self.context_slots[plan.covered]).float()
-                dev = (fresh - plan.loaded_check.float()).square().sum((0, 1, 3))  # [n]
-                top = dev.topk(k).indices
+                fresh = self.check_cache.index_select(2, self.context_slots[covered[rest]]).float()
+                dev = (fresh - plan.loaded_check[:, :, rest].float()).square().sum((0, 1, 3))  # [n]
+                top = rest[dev.topk(k).indices]
             else:
-                top = torch.arange(n)
-            keep[plan.covered[top] - plan.start] = True
+                top = rest
+            keep[covered[top] - plan.start] = True
         keep[-1] = True
         return torch.nonzero(keep)[:, 0] + plan.start
 

@@ -318,7 +318,8 @@ class Engine:
                 f"kv_blend_check_layer {layer} leaves no layer after it: this model's layers are "
                 f"0-{self.runner.num_layers - 1}, so at most {self.runner.num_layers - 2}"
             )
-        return BlendOptions(float(ratio), int(layer))
+        head = cc.kv_blend_head_tokens if params.kv_blend_head_tokens is None else params.kv_blend_head_tokens
+        return BlendOptions(float(ratio), int(layer), int(head))
 
     def abort_request(self, request_id: str) -> None:
         for r in self.groups.pop(request_id, []):

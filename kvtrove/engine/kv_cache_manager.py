@@ -157,7 +157,7 @@ class KVCacheManager:
             return []
         keys = blend.window_keys(self.fingerprint, req.all_token_ids, start, end, self.block_size)
         starts = blend.pick_windows(self.store.present(keys), start, end, self.block_size)
-        work = blend.compute_fraction(req.blend, self.num_layers, end + 1 - start, len(starts) * self.block_size)
+        work = blend.compute_fraction(req.blend, self.num_layers, end + 1 - start, starts, self.block_size)
         if work >= blend.WORTH_BELOW:
             return []  # too little found to beat a prefill
         return starts

@@ -84,7 +84,7 @@ class Scheduler:
             n = min(rest, budget)
             starts = self.kv.find_segments(req, req.num_computed_tokens + len(reused) * bs) if req.blend else []
             if starts:  # a blended prefill runs the whole rest of the prompt in one step
-                cost = math.ceil(rest * blend.compute_fraction(req.blend, self.kv.num_layers, rest, len(starts) * bs))
+                cost = math.ceil(rest * blend.compute_fraction(req.blend, self.kv.num_layers, rest, starts, bs))
                 if cost > budget and any(n > 1 for n in out.num_new_tokens):
                     break  # not beside another prefill: the next step (beside decodes it may exceed the budget)
                 if self.kv.allocate(req, rest, reused):

@@ -41,6 +41,7 @@ class _Common(BaseModel):
     kv_blend: bool | None = None
     kv_blend_ratio: float | None = None
     kv_blend_check_layer: int | None = None
+    kv_blend_head_tokens: int | None = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
 
@@ -71,6 +72,7 @@ class _Common(BaseModel):
             kv_blend=self.kv_blend,
             kv_blend_ratio=self.kv_blend_ratio,
             kv_blend_check_layer=self.kv_blend_check_layer,
+            kv_blend_head_tokens=self.kv_blend_head_tokens,
         )
 
     @property
