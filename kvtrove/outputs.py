@@ -36,6 +36,9 @@ class RequestOutput:
     """Prompt tokens found stored that blending recomputed anyway (they deviated most)."""
     ttft_s: float | None
     """Seconds from arrival to the first generated token."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Per prompt token (`SamplingParams.prompt_logprobs`): token id -> logprob for it and the top-k at its
+    position, None for the first token."""
 
     @property
     def text(self) -> str:

@@ -29,6 +29,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None -> no logprobs; k -> the sampled token's logprob and the k most likely tokens'."""
+    prompt_logprobs: int | None = None
+    """None -> none; k -> each prompt token's logprob given the tokens before it and the k most likely
+    tokens' there (the first prompt token has none). The prompt is computed whole for it: its cached
+    prefix is not reused."""
     skip_special_tokens: bool = True
     kv_blend: bool | None = None
     """Blend stored KV of known text into this prompt (approximate; `CacheConfig.kv_blend`); None -> the
@@ -69,10 +73,12 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None:
             _check_int("seed", self.seed, None)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0)
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0)
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be <= {MAX_LOGPROBS}, got {value}")
         if self.stop is None:
             self.stop_strings = []
         elif isinstance(self.stop, str):

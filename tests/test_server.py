@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from kvtrove import LLM, SamplingParams
 from tests.helpers import drop_stream_early
 
 KEY = "test-key-123"
@@ -161,6 +162,31 @@ def test_completion_stop_logprobs_n_and_seed(client, model):
     assert lp.usage.completion_tokens <= 4
     many = client.completions.create(model=model, prompt=["One", "Two"], max_tokens=3, temperature=0)
     assert [c.index for c in many.choices] == [0, 1]
+
+
+def test_completion_echo_gives_the_prompt_and_its_logprobs(client, model, smollm_path):
+    """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1 over token ids; the prompt tokens'
+    logprobs equal the engine's own prompt_logprobs (first token null). Also string prompts, max_tokens 0
+    (the prompt alone) and streaming."""
+    ref = LLM(model=smollm_path, num_blocks=512, kv_disk_gb=0)
+    ids = ref.get_tokenizer().encode("Question: what is the capital of France? Answer: Paris")
+    want = ref.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    out = client.completions.create(model=model, prompt=ids, echo=True, logprobs=2, max_tokens=1, temperature=0)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for p in range(1, len(ids)):
+        assert lp.token_logprobs[p] == pytest.approx(want.prompt_logprobs[p][ids[p]], abs=1e-5)
+        assert len(lp.top_logprobs[p]) == 2
+    assert lp.text_offset == sorted(lp.text_offset) and out.choices[0].text.endswith(want.text)
+    text = "The capital of France is"
+    only = client.completions.create(model=model, prompt=text, echo=True, logprobs=0, max_tokens=0)
+    assert only.choices[0].text == text and only.usage.completion_tokens == 0
+    assert len(only.choices[0].logprobs.tokens) == only.usage.prompt_tokens
+    full = client.completions.create(model=model, prompt=text, echo=True, max_tokens=6, temperature=0)
+    stream = client.completions.create(model=model, prompt=text, echo=True, max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == full.choices[0].text
+    assert full.choices[0].text.startswith(text) and len(full.choices[0].text) > len(text)
 
 
 def test_concurrent_streaming_clients(server, client, model):

@@ -268,7 +268,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         ids, segments = self.tokenize_segments(prompt)
-        blend = self._blend_options(params)
+        # prompt logprobs are exact: such a request computes its whole prompt and never blends
+        blend = self._blend_options(params) if params.prompt_logprobs is None else None
         if not ids:
             raise ValueError("prompt is empty: it has 0 tokens")
         limit = min(self.max_model_len, self.capacity_tokens)
@@ -297,7 +298,8 @@ class Engine:
             seed = None if params.seed is None else params.seed + i
             group.append(Request(request_id, i, ids, params, max_tokens, detok, seed, segments, blend))
         self.groups[request_id] = group
-        self.scheduler.kv.prefetch(group[0])
+        if not group[0].needs_prompt_rows:
+            self.scheduler.kv.prefetch(group[0])
         for r in group:
             self.scheduler.add(r)
         return request_id
@@ -434,4 +436,5 @@ class Engine:
             blended_tokens=first.blend_counts[0] if first.blend_counts else 0,
             blend_recomputed_tokens=first.blend_counts[1] if first.blend_counts else 0,
             ttft_s=min(firsts) - first.arrival_time if firsts else None,
+            prompt_logprobs=None if first.needs_prompt_rows else first.prompt_logprobs,
         )

@@ -68,6 +68,8 @@ class Request:
         self.prefetch: Future | None = None
         """The store's copy of this request's stored prefix into its fastest tier, while queued."""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None if params.prompt_logprobs is None else [None]
+        """Per prompt token so far: its logprob and the top-k at its position (None for the first)."""
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.num_preemptions = 0
@@ -76,6 +78,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """Whether prompt positions still need their logits computed (prompt logprobs): no cached prefix."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:

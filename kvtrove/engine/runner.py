@@ -15,6 +15,9 @@ from kvtrove.engine.scheduler import ScheduledBatch
 from kvtrove.layers.attention import AttentionMetadata, PrefillSeq
 from kvtrove.layers.sampler import SampleResult, SamplingBatch, sample
 
+PROMPT_ROWS = 256
+"""Prompt rows turned into logits at once for prompt logprobs (a [256, vocab] float32 block at most)."""
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, vocab_size: int):
@@ -103,9 +106,12 @@ class ModelRunner:
         if not reqs:
             return self._sample([batch.requests[i] for i in blended], torch.cat(rows))
         ids, positions, slot_mapping, sample_rows, prefills, decode_ctx = [], [], [], [], [], []
+        prompt_rows = []  # (request, first row, first position, rows) of prefills whose prompt logprobs are due
         offset = 0
         for r, n in zip(reqs, nums):
             start = r.num_computed_tokens
+            if r.needs_prompt_rows:
+                prompt_rows.append((r, offset, start, n))
             ids.extend(r.all_token_ids[start : start + n])
             positions.append(torch.arange(start, start + n))
             ctx = self._slots(r, start + n)
@@ -134,6 +140,8 @@ class ModelRunner:
                 meta.decode_mask = ~self._mask(meta.decode_lens - 1, width)
         run = self.fused_decode if self.fused_decode and self.fused_decode.covers(meta) else self.model
         hidden = run(torch.tensor(ids), torch.cat(positions), meta)
+        for r, row, start, n in prompt_rows:
+            self._prompt_logprobs(r, hidden[row : row + n], start)
         sampled = [r for r, n in zip(reqs, nums) if r.num_computed_tokens + n == r.num_tokens]
         sampled += [batch.requests[i] for i in blended]
         return self._sample(sampled, torch.cat([hidden[torch.tensor(sample_rows, dtype=torch.long)], *rows]))
@@ -142,6 +150,24 @@ class ModelRunner:
         if not reqs:
             return [], None
         return reqs, sample(self.model.compute_logits(hidden), self._sampling_batch(reqs))
+
+    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, start: int) -> None:
+        """Append the logprobs of the prompt tokens that the rows `hidden` (positions start..) predict and
+        `req` lacks (a recompute after preemption skips those it has), PROMPT_ROWS rows of logits at a time."""
+        k = req.params.prompt_logprobs
+        prompt = req.prompt_token_ids
+        first = len(req.prompt_logprobs) - 1  # the position whose next token is the first one lacking
+        end = min(start + len(hidden), len(prompt) - 1)  # the last prompt row predicts a generated token
+        for a in range(max(start, first), end, PROMPT_ROWS):
+            b = min(end, a + PROMPT_ROWS)
+            lp = self.model.compute_logits(hidden[a - start : b - start]).float().log_softmax(-1)
+            targets = prompt[a + 1 : b + 1]
+            chosen = lp.gather(-1, torch.tensor(targets)[:, None])[:, 0].tolist()
+            top = lp.topk(k, -1) if k else None
+            for i, t in enumerate(targets):
+                d = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else {}
+                d[t] = chosen[i]
+                req.prompt_logprobs.append(d)
 
     def _blend(self, req: Request, n: int) -> torch.Tensor:
         """Run a blended prefill (the rest of `req`'s prompt, `engine.blend`) alone; its last token's hidden

@@ -74,8 +74,11 @@ class Scheduler:
                     break  # the store is still reading ahead for it; step the others meanwhile
                 wait([req.prefetch])
                 req.prefetch = None
-            cached = self.kv.cached_prefix(req)
-            stored = self.kv.load_stored(req, cached, budget)
+            if req.needs_prompt_rows:  # prompt logprobs need every prompt row's logits: nothing reused
+                cached, stored = [], ([], [])
+            else:
+                cached = self.kv.cached_prefix(req)
+                stored = self.kv.load_stored(req, cached, budget)
             if stored is None and self.running:
                 break  # its stored prefix needs room that running requests will free: wait, not recompute
             loaded, tiers = stored or ([], [])

@@ -97,43 +97,55 @@ def create_app(
     async def completions(body: CompletionRequest):
         check_model(body.model)
         try:
-            params = body.sampling(body.max_tokens, body.logprobs)
+            params = body.completion_sampling()
             prompts = body.prompts()
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = [run(p, params, f"{rid}-{i}", "completions") for i, p in enumerate(prompts)]
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+        answer = body.max_tokens != 0  # echo with max_tokens 0: the prompt alone
+        prompt_texts = [p if isinstance(p, str) else None for p in prompts]
 
-        def choice(i: int, c, text: str, finish: str | None) -> dict:
+        def choice(i: int, out: RequestOutput, c, ids: list[int], lps, text: str, finish: str | None, echo: bool):
+            """One choice of `out` for the completion tokens `ids` (their logprobs `lps`, their `text`); with
+            `echo` the prompt (its tokens' logprobs) comes first."""
+            ids, lps, text = (ids, lps, text) if answer else ([], [], "")
             lp = None
-            if params.logprobs is not None and c.logprobs is not None:
-                lp = completion_logprobs(tokenizer, c.token_ids, c.logprobs, params.logprobs)
+            if echo:
+                given = prompt_texts[i]
+                text = (given if given is not None else tokenizer.decode(out.prompt_token_ids)) + text
+            if params.logprobs is not None:
+                lp = completion_logprobs(tokenizer, ids, lps or [], params.logprobs)
+                if echo:
+                    lp = join_logprobs(
+                        prompt_logprobs(tokenizer, out.prompt_token_ids, out.prompt_logprobs, params.logprobs), lp
+                    )
             return {"index": i * params.n + c.index, "text": text, "finish_reason": finish, "logprobs": lp}
 
         if not body.stream:
             finals = await asyncio.gather(*(last(s) for s in streams))
-            choices = [choice(i, c, c.text, c.finish_reason) for i, out in enumerate(finals) for c in out.outputs]
-            return {**head, "choices": choices, "usage": usage(finals)}
+            choices = [
+                choice(i, out, c, c.token_ids, c.logprobs, c.text, c.finish_reason, body.echo)
+                for i, out in enumerate(finals)
+                for c in out.outputs
+            ]
+            return {**head, "choices": choices, "usage": usage(finals, answer)}
 
         async def events():
-            finals = []
+            finals, echoed = [], set()
             async for i, out in merged(streams):
                 for c in out.outputs:
-                    if c.delta_text or c.finish_reason:
-                        payload = {**head, "choices": [choice(i, c, c.delta_text, c.finish_reason)]}
-                        if params.logprobs is not None:  # logprobs of this chunk's tokens only
-                            payload["choices"][0]["logprobs"] = completion_logprobs(
-                                tokenizer,
-                                c.delta_token_ids,
-                                (c.logprobs or [])[len(c.logprobs or []) - len(c.delta_token_ids) :],
-                                params.logprobs,
-                            )
-                        yield sse(payload)
+                    echo = body.echo and (i, c.index) not in echoed
+                    if c.delta_text or c.finish_reason or echo:
+                        echoed.add((i, c.index))
+                        lps = (c.logprobs or [])[len(c.logprobs or []) - len(c.delta_token_ids) :]
+                        one = choice(i, out, c, c.delta_token_ids, lps, c.delta_text, c.finish_reason, echo)
+                        yield sse({**head, "choices": [one]})
                 if out.finished:
                     finals.append(out)
             if body.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(finals)})
+                yield sse({**head, "choices": [], "usage": usage(finals, answer)})
             yield "data: [DONE]\n\n"
 
         return await stream_response(events())
@@ -257,9 +269,10 @@ async def stream_response(events: AsyncIterator[str]) -> Response:
     return StreamingResponse(rest(), media_type="text/event-stream")
 
 
-def usage(finals: list[RequestOutput]) -> dict:
+def usage(finals: list[RequestOutput], answered: bool = True) -> dict:
+    """`answered` False: the completions were dropped (echo with max_tokens 0)."""
     prompt = sum(o.prompt_tokens for o in finals)
-    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    completion = sum(len(c.token_ids) for o in finals for c in o.outputs) if answered else 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -288,6 +301,29 @@ def chat_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float]], n_top:
         ]
         out.append({"token": tok, "logprob": lp[tid], "bytes": list(tok.encode()), "top_logprobs": top})
     return out
+
+
+def prompt_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float] | None], n_top: int) -> dict:
+    """Echoed prompt tokens in the completions shape: the first token's logprob and top are null."""
+    rest = completion_logprobs(tokenizer, ids[1:], lps[1:], n_top)
+    first = _token(tokenizer, ids[0])
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *(len(first) + o for o in rest["text_offset"])],
+    }
+
+
+def join_logprobs(a: dict, b: dict) -> dict:
+    """Completions logprobs of a's tokens, then b's (b's text offsets moved past a's text)."""
+    end = (a["text_offset"][-1] + len(a["tokens"][-1])) if a["tokens"] else 0
+    return {
+        "tokens": a["tokens"] + b["tokens"],
+        "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
+        "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
+        "text_offset": a["text_offset"] + [end + o for o in b["text_offset"]],
+    }
 
 
 def completion_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float]], n_top: int) -> dict:

@@ -6,6 +6,8 @@ are refused with a 400 naming them, rather than silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -86,7 +88,19 @@ class CompletionRequest(_Common):
     """kvtrove extension: the prompt as segments (strings or token-id lists), each a unit of blending."""
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("echo", "suffix", "logit_bias", "best_of")
+    echo: bool = False
+    """Return the prompt before the completion (and, with logprobs, its tokens' logprobs; max_tokens 0:
+    the prompt alone)."""
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("suffix", "logit_bias", "best_of")
+
+    def completion_sampling(self) -> SamplingParams:
+        """The request's sampling; with echo, prompt logprobs too and max_tokens 0 run as 1 (the token is
+        dropped from the answer)."""
+        if not self.echo:
+            return self.sampling(self.max_tokens, self.logprobs)
+        max_tokens = 1 if self.max_tokens == 0 else self.max_tokens
+        params = self.sampling(max_tokens, self.logprobs)
+        return dataclasses.replace(params, prompt_logprobs=self.logprobs)
 
     @field_validator("prompt")
     @classmethod
