@@ -189,6 +189,38 @@ def test_completion_echo_gives_the_prompt_and_its_logprobs(client, model, smollm
     assert full.choices[0].text.startswith(text) and len(full.choices[0].text) > len(text)
 
 
+def test_tokenizer_routes(server, model, smollm_path):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-eval's remote tokenizer reads them."""
+    tok = LLM(model=smollm_path, num_blocks=64, kv_disk_gb=0).get_tokenizer()
+    text = "The capital of France is Paris."
+
+    def post(route: str, body: dict):
+        code, raw = http("POST", server + route, json.dumps(body).encode())
+        return code, json.loads(raw)
+
+    code, out = post("/tokenize", {"model": model, "prompt": text})
+    assert code == 200 and out["tokens"] == tok.encode(text) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == 8192 and out["token_strs"] is None
+    code, chat = post("/tokenize", {"messages": [{"role": "user", "content": text}], "return_token_strs": True})
+    want = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    assert code == 200 and chat["tokens"] == tok.encode(want, add_special_tokens=False)
+    assert chat["token_strs"] == tok.convert_ids_to_tokens(chat["tokens"])
+    code, back = post("/detokenize", {"model": model, "tokens": out["tokens"]})
+    assert code == 200 and back["prompt"] == text
+    code, info = http("GET", server + "/tokenizer_info")
+    info = json.loads(info)
+    assert code == 200 and info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+    assert info["model_max_length"] == 8192
+    for route, body, needle in (
+        ("/tokenize", {"prompt": text, "messages": [{"role": "user", "content": "x"}]}, "either prompt or messages"),
+        ("/tokenize", {"prompt": text, "model": "gpt-4"}, "gpt-4"),
+        ("/detokenize", {"tokens": [1, 10**9]}, "outside the vocabulary"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ):
+        code, err = post(route, body)
+        assert code == 400 and needle in err["error"]["message"], err
+
+
 def test_concurrent_streaming_clients(server, client, model):
     prompts = [f"Write the number {i} in words, then stop." for i in range(32)]
     want = [
@@ -270,6 +302,7 @@ def test_auth(server, model):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
     assert http("GET", server + "/health", key=None)[0] == 200  # probes need no key
+    assert http("GET", server + "/tokenizer_info", key=None)[0] == 401
 
 
 def test_serve_binds_loopback_by_default():

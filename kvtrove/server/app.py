@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming
-or not), /health, /metrics. Errors use OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
+or not), /health, /metrics, and vLLM's tokenizer routes /tokenize, /detokenize, /tokenizer_info. Errors use OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from kvtrove.outputs import RequestOutput
 from kvtrove.server.async_engine import AsyncEngine, QueueFull
 from kvtrove.server.http import ApiError, BodyLimit, error_body, sse
 from kvtrove.server.metrics import Metrics
-from kvtrove.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvtrove.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+
+KEYED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+"""Routes that need the API key when one is set (/health and /metrics stay open for probes)."""
 
 
 def create_app(
@@ -52,7 +56,7 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(KEYED):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_body(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error")
@@ -91,6 +95,50 @@ def create_app(
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "kvtrove"}],
+        }
+
+    # ---- the tokenizer (vLLM's routes, at the root: lm-eval's remote tokenizer asks them) ----------------
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages")
+        try:
+            if body.messages is not None:
+                ids = engine.engine.chat_prompt(body.chat_messages(), body.add_generation_prompt)["prompt_token_ids"]
+            else:
+                ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < len(tokenizer)]
+        if bad:
+            raise ApiError(400, f"token ids outside the vocabulary (0-{len(tokenizer) - 1}): {bad[:5]}", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "model_max_length": engine.engine.max_model_len,
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": tokenizer.unk_token,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "chat_template": tokenizer.chat_template,
+            "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+            "vocab_size": len(tokenizer),
         }
 
     @app.post("/v1/completions")
