@@ -41,6 +41,9 @@ class SamplingParams:
     kv_blend_ratio: float | None = None
     kv_blend_check_layer: int | None = None
     kv_blend_head_tokens: int | None = None
+    cache_salt: str | None = None
+    """A tenant's secret: this request reuses only KV cached under the same salt, and its own KV is found
+    only under it (`kv.keys.salted_root`)."""
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class SamplingParams:
             0 if self.kv_blend_check_layer is None else self.kv_blend_check_layer,
             0 if self.kv_blend_head_tokens is None else self.kv_blend_head_tokens,
         )
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, 1)
         _check_number("temperature", self.temperature)

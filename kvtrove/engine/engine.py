@@ -22,6 +22,7 @@ from kvtrove.engine.runner import ModelRunner
 from kvtrove.engine.scheduler import Scheduler
 from kvtrove.kv import ledger
 from kvtrove.kv.breakeven import BreakEven
+from kvtrove.kv.keys import salted_root
 from kvtrove.kv.store import KVStore
 from kvtrove.kv.tiers.base import Tier
 from kvtrove.kv.tiers.disk import DiskTier
@@ -292,11 +293,12 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        root = salted_root(self.fingerprint, params.cache_salt)
         group = []
         for i in range(params.n):
             detok = Detokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
             seed = None if params.seed is None else params.seed + i
-            group.append(Request(request_id, i, ids, params, max_tokens, detok, seed, segments, blend))
+            group.append(Request(request_id, i, ids, params, max_tokens, detok, seed, root, segments, blend))
         self.groups[request_id] = group
         if not group[0].needs_prompt_rows:
             self.scheduler.kv.prefetch(group[0])

@@ -83,7 +83,7 @@ class KVCacheManager:
     def _extend_keys(self, req: Request, num_tokens: int) -> None:
         bs = self.block_size
         for i in range(len(req.block_keys), num_tokens // bs):
-            parent = req.block_keys[-1] if req.block_keys else self.fingerprint
+            parent = req.block_keys[-1] if req.block_keys else req.cache_root
             req.block_keys.append(block_key(parent, req.all_token_ids[i * bs : (i + 1) * bs]))
 
     def _block_tokens(self, req: Request, i: int) -> tuple[int, ...]:
@@ -155,7 +155,7 @@ class KVCacheManager:
         end = req.num_tokens - 1
         if end - start < blend.MIN_RUN * self.block_size:
             return []
-        keys = blend.window_keys(self.fingerprint, req.all_token_ids, start, end, self.block_size)
+        keys = blend.window_keys(req.cache_root, req.all_token_ids, start, end, self.block_size)
         starts = blend.pick_windows(self.store.present(keys), start, end, self.block_size)
         work = blend.compute_fraction(req.blend, self.num_layers, end + 1 - start, starts, self.block_size)
         if work >= blend.WORTH_BELOW:
@@ -167,7 +167,7 @@ class KVCacheManager:
         positions, and set up its blended step; the number of tokens loaded (0: nothing to blend, the
         request prefills as usual)."""
         bs = self.block_size
-        want = [segment_key(self.fingerprint, req.all_token_ids[s : s + bs]) for s in starts]
+        want = [segment_key(req.cache_root, req.all_token_ids[s : s + bs]) for s in starts]
         found: list[tuple[int, LoadedChunk]] = []
 
         def keep(i: int, chunk: LoadedChunk) -> None:
@@ -201,7 +201,7 @@ class KVCacheManager:
         starts = sorted(starts)
         if not starts:
             return
-        keys = {s: segment_key(self.fingerprint, req.all_token_ids[s : s + bs]) for s in starts}
+        keys = {s: segment_key(req.cache_root, req.all_token_ids[s : s + bs]) for s in starts}
         todo = [s for s, present in zip(starts, self.store.present(list(keys.values()))) if not present]
         if not todo:
             return
@@ -270,7 +270,7 @@ class KVCacheManager:
             return
         for i in new:
             if i >= req.num_reused_blocks:
-                parent = req.block_keys[i - 1] if i else self.fingerprint
+                parent = req.block_keys[i - 1] if i else req.cache_root
                 self._unsaved[req.blocks[i].block_id] = (req.block_keys[i], parent, i, self._block_tokens(req, i))
         if self.write_policy == "write_through":
             self._save([req.blocks[i].block_id for i in new], to_all=True)

@@ -29,6 +29,7 @@ class Request:
         max_tokens: int,
         detokenizer: Detokenizer,
         seed: int | None,
+        cache_root: bytes,
         segments: list[tuple[int, int]] | None = None,
         blend=None,
     ):
@@ -48,6 +49,8 @@ class Request:
         self.blocks: list[Block] = []
         self.block_keys: list[bytes] = []
         """Keys of the full blocks of all_token_ids, filled lazily."""
+        self.cache_root = cache_root
+        """What its keys chain from: the model fingerprint, or the salted root of its cache salt (`kv.keys`)."""
         self.cached_by_tier: dict[str, int] | None = None
         """Prompt tokens reused instead of computed when first scheduled, per tier (device, host, disk, ...)."""
         self.num_reused_blocks = 0

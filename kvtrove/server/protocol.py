@@ -44,6 +44,7 @@ class _Common(BaseModel):
     kv_blend_ratio: float | None = None
     kv_blend_check_layer: int | None = None
     kv_blend_head_tokens: int | None = None
+    cache_salt: str | None = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
 
@@ -75,6 +76,7 @@ class _Common(BaseModel):
             kv_blend_ratio=self.kv_blend_ratio,
             kv_blend_check_layer=self.kv_blend_check_layer,
             kv_blend_head_tokens=self.kv_blend_head_tokens,
+            cache_salt=self.cache_salt,
         )
 
     @property
