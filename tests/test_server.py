@@ -189,6 +189,17 @@ def test_completion_echo_gives_the_prompt_and_its_logprobs(client, model, smollm
     assert full.choices[0].text.startswith(text) and len(full.choices[0].text) > len(text)
 
 
+def test_cache_salt_field(client, model):
+    messages = [{"role": "user", "content": "Name three rivers of Europe, with one fact about each of them."}]
+    kw = dict(model=model, messages=messages, max_tokens=4, temperature=0)
+    a = client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-a"})
+    b = client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-b"})
+    assert b.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-a"})
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert again.choices[0].message.content == a.choices[0].message.content
+
+
 def test_tokenizer_routes(server, model, smollm_path):
     """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-eval's remote tokenizer reads them."""
     tok = LLM(model=smollm_path, num_blocks=64, kv_disk_gb=0).get_tokenizer()
