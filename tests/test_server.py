@@ -122,6 +122,11 @@ def test_models_chat_and_cached_tokens(client, model, server):
     assert again.choices[0].message.content == first.choices[0].message.content
     assert again.usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16 > 0
     assert metric(server, 'kvtrove_cached_prompt_tokens_total{tier="device"}') > 0
+    # what inference gateways read, under vLLM's names
+    labels = f'{{model_name="{model}"}}'
+    assert metric(server, "vllm:num_requests_waiting" + labels) == metric(server, "kvtrove_requests_waiting")
+    assert metric(server, "vllm:num_requests_running" + labels) == 0
+    assert 0 <= metric(server, "vllm:kv_cache_usage_perc" + labels) <= 1
 
 
 def test_streaming_chat_with_usage(client, model):

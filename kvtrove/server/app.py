@@ -31,7 +31,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="kvtrove", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, model_name)
     tokenizer = engine.engine.tokenizer
     created = int(time.time())
 

@@ -1,5 +1,7 @@
 """Prometheus metrics of one server: requests, tokens, TTFT and inter-token latency, queue depth, KV
-blocks in use, and what the KV cache and store saved per tier."""
+blocks in use, and what the KV cache and store saved per tier; and, under vLLM's names, the scheduling
+gauges inference gateways read (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc`, labelled by model_name)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, model_name: str):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvtrove_requests", "Finished requests", ["endpoint", "outcome"], registry=r)
@@ -39,7 +41,7 @@ class Metrics:
         self.itl = Histogram(
             "kvtrove_inter_token_latency_seconds", "Time between streamed tokens", buckets=LATENCY_BUCKETS, registry=r
         )
-        r.register(_EngineState(engine))
+        r.register(_EngineState(engine, model_name))
 
     async def track(self, stream: AsyncIterator[RequestOutput], endpoint: str) -> AsyncIterator[RequestOutput]:
         """Pass a request's outputs through, counting what it did."""
@@ -76,21 +78,27 @@ class Metrics:
 class _EngineState:
     """Read at scrape time from the engine (plain int reads of another thread's state)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, model_name: str):
         self.engine = engine
+        self.model_name = model_name
 
     def collect(self):
         eng = self.engine.engine
         sched = eng.scheduler
-        yield GaugeMetricFamily("kvtrove_requests_waiting", "Requests queued", value=len(sched.waiting))
-        yield GaugeMetricFamily("kvtrove_requests_running", "Requests running", value=len(sched.running))
         pool = eng.pool
+        waiting, running, in_use = len(sched.waiting), len(sched.running), pool.num_blocks - pool.num_free_blocks
+        yield GaugeMetricFamily("kvtrove_requests_waiting", "Requests queued", value=waiting)
+        yield GaugeMetricFamily("kvtrove_requests_running", "Requests running", value=running)
         yield GaugeMetricFamily("kvtrove_kv_blocks", "Device KV blocks", value=pool.num_blocks)
-        yield GaugeMetricFamily(
-            "kvtrove_kv_blocks_in_use",
-            "Device KV blocks held by requests",
-            value=pool.num_blocks - pool.num_free_blocks,
-        )
+        yield GaugeMetricFamily("kvtrove_kv_blocks_in_use", "Device KV blocks held by requests", value=in_use)
+        for name, doc, value in (
+            ("vllm:num_requests_waiting", "Requests queued (vLLM's name)", waiting),
+            ("vllm:num_requests_running", "Requests running (vLLM's name)", running),
+            ("vllm:kv_cache_usage_perc", "Share of device KV blocks in use, 0-1 (vLLM's name)", in_use / pool.num_blocks),
+        ):
+            fam = GaugeMetricFamily(name, doc, labels=["model_name"])
+            fam.add_metric([self.model_name], value)
+            yield fam
         if eng.store is None:
             return
         stats = eng.store.stats()
