@@ -40,11 +40,11 @@ def write_tasks(root: Path) -> None:
     )
 
 
-def test_lm_eval_local_completions(smollm_path, tmp_path, tmp_path_factory, monkeypatch):
+def test_lm_eval_local_completions(smollm_path, smollm, tmp_path, tmp_path_factory, monkeypatch):
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what local-completions sends as the bearer token
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -63,7 +63,7 @@ def test_lm_eval_local_completions(smollm_path, tmp_path, tmp_path_factory, monk
         proc.terminate()
         proc.wait(timeout=30)
     p = Path(smollm_path)
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    tok = smollm.get_tokenizer()  # the model's HF tokenizer, as the server tokenizes
     hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
 
     def loglikelihood(context: str, continuation: str) -> float:

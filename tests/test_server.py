@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvtrove import LLM, SamplingParams
+from kvtrove import SamplingParams
 from tests.helpers import drop_stream_early
 
 KEY = "test-key-123"
@@ -169,11 +169,11 @@ def test_completion_stop_logprobs_n_and_seed(client, model):
     assert [c.index for c in many.choices] == [0, 1]
 
 
-def test_completion_echo_gives_the_prompt_and_its_logprobs(client, model, smollm_path):
+def test_completion_echo_gives_the_prompt_and_its_logprobs(client, model, smollm):
     """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1 over token ids; the prompt tokens'
     logprobs equal the engine's own prompt_logprobs (first token null). Also string prompts, max_tokens 0
     (the prompt alone) and streaming."""
-    ref = LLM(model=smollm_path, num_blocks=512, kv_disk_gb=0)
+    ref = smollm  # the server's engine settings (the pool's size does not change a number)
     ids = ref.get_tokenizer().encode("Question: what is the capital of France? Answer: Paris")
     want = ref.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
     out = client.completions.create(model=model, prompt=ids, echo=True, logprobs=2, max_tokens=1, temperature=0)
@@ -205,9 +205,9 @@ def test_cache_salt_field(client, model):
     assert again.choices[0].message.content == a.choices[0].message.content
 
 
-def test_tokenizer_routes(server, model, smollm_path):
+def test_tokenizer_routes(server, model, smollm):
     """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-eval's remote tokenizer reads them."""
-    tok = LLM(model=smollm_path, num_blocks=64, kv_disk_gb=0).get_tokenizer()
+    tok = smollm.get_tokenizer()
     text = "The capital of France is Paris."
 
     def post(route: str, body: dict):
