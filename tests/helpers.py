@@ -29,6 +29,16 @@ def prompt_logits(llm, token_ids: list[int]) -> torch.Tensor:
     return eng.model.compute_logits(hidden)
 
 
+def run_until_done(eng) -> dict:
+    """Step an engine until nothing is left; the final output of each request, by request id."""
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
 def assert_all_blocks_free(llm) -> None:
     eng = llm.engine
     assert not eng.has_unfinished()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvtrove import LLM, SamplingParams
-from tests.helpers import assert_all_blocks_free
+from tests.helpers import assert_all_blocks_free, run_until_done
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -74,11 +74,7 @@ def test_preemption_happens_and_frees_blocks(small_pool):
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     ids = [eng.add_request(p, params) for p in PROMPTS]
     reqs = [r for i in ids for r in eng.groups[i]]
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(eng)
     assert len(done) == len(PROMPTS)
     assert sum(r.num_preemptions for r in reqs) > 0, "the pool was meant to be too small for all at once"
     assert all(len(o.token_ids) == 60 for o in done.values())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvtrove import LLM, SamplingParams
-from tests.helpers import assert_all_blocks_free
+from tests.helpers import assert_all_blocks_free, run_until_done
 
 TOP = 5
 
@@ -90,11 +90,7 @@ def test_prompt_logprobs_survive_preemption(tiny_model):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=TOP)
     ids = [eng.add_request({"prompt_token_ids": p}, params) for p in prompts]
     reqs = [r for i in ids for r in eng.groups[i]]
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(eng)
     assert sum(r.num_preemptions for r in reqs) > 0, "the pool was meant to be too small for all at once"
     assert [done[i].prompt_logprobs for i in ids] == want
     assert_all_blocks_free(small)
